@@ -36,6 +36,7 @@ from .types import (
 )
 
 __all__ = [
+    "DEFAULT_ADDRESS",
     "Client",
     "ContentInfo",
     "ContentReader",

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5containerd_api/services/namespaces/v1/namespace.proto\x12!containerd.services.namespaces.v1\x1a\x1bgoogle/protobuf/empty.proto\"\x92\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12H\n\x06labels\x18\x02 \x03(\x0b\x32\x38.containerd.services.namespaces.v1.Namespace.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x13GetNamespaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"W\n\x14GetNamespaceResponse\x12?\n\tnamespace\x18\x01 \x01(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\"Z\n\x16ListNamespacesResponse\x12@\n\nnamespaces\x18\x01 \x03(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"Y\n\x16\x43reateNamespaceRequest\x12?\n\tnamespace\x18\x01 \x01(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"Z\n\x17\x43reateNamespaceResponse\x12?\n\tnamespace\x18\x01 \x01(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"&\n\x16\x44\x65leteNamespaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xdf\x03\n\nNamespaces\x12v\n\x03Get\x12\x36.containerd.services.namespaces.v1.GetNamespaceRequest\x1a\x37.containerd.services.namespaces.v1.GetNamespaceResponse\x12{\n\x04List\x12\x38.containerd.services.namespaces.v1.ListNamespacesRequest\x1a\x39.containerd.services.namespaces.v1.ListNamespacesResponse\x12\x7f\n\x06\x43reate\x12\x39.containerd.services.namespaces.v1.CreateNamespaceRequest\x1a:.containerd.services.namespaces.v1.CreateNamespaceResponse\x12[\n\x06\x44\x65lete\x12\x39.containerd.services.namespaces.v1.DeleteNamespaceRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5containerd_api/services/namespaces/v1/namespace.proto\x12!containerd.services.namespaces.v1\x1a\x1bgoogle/protobuf/empty.proto\"\x92\x01\n\tNamespace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12H\n\x06labels\x18\x02 \x03(\x0b\x32\x38.containerd.services.namespaces.v1.Namespace.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x15ListNamespacesRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\"Z\n\x16ListNamespacesResponse\x12@\n\nnamespaces\x18\x01 \x03(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"Y\n\x16\x43reateNamespaceRequest\x12?\n\tnamespace\x18\x01 \x01(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"Z\n\x17\x43reateNamespaceResponse\x12?\n\tnamespace\x18\x01 \x01(\x0b\x32,.containerd.services.namespaces.v1.Namespace\"&\n\x16\x44\x65leteNamespaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xe7\x02\n\nNamespaces\x12{\n\x04List\x12\x38.containerd.services.namespaces.v1.ListNamespacesRequest\x1a\x39.containerd.services.namespaces.v1.ListNamespacesResponse\x12\x7f\n\x06\x43reate\x12\x39.containerd.services.namespaces.v1.CreateNamespaceRequest\x1a:.containerd.services.namespaces.v1.CreateNamespaceResponse\x12[\n\x06\x44\x65lete\x12\x39.containerd.services.namespaces.v1.DeleteNamespaceRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NAMESPACE']._serialized_end=268
   _globals['_NAMESPACE_LABELSENTRY']._serialized_start=223
   _globals['_NAMESPACE_LABELSENTRY']._serialized_end=268
-  _globals['_GETNAMESPACEREQUEST']._serialized_start=270
-  _globals['_GETNAMESPACEREQUEST']._serialized_end=305
-  _globals['_GETNAMESPACERESPONSE']._serialized_start=307
-  _globals['_GETNAMESPACERESPONSE']._serialized_end=394
-  _globals['_LISTNAMESPACESREQUEST']._serialized_start=396
-  _globals['_LISTNAMESPACESREQUEST']._serialized_end=435
-  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=437
-  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=527
-  _globals['_CREATENAMESPACEREQUEST']._serialized_start=529
-  _globals['_CREATENAMESPACEREQUEST']._serialized_end=618
-  _globals['_CREATENAMESPACERESPONSE']._serialized_start=620
-  _globals['_CREATENAMESPACERESPONSE']._serialized_end=710
-  _globals['_DELETENAMESPACEREQUEST']._serialized_start=712
-  _globals['_DELETENAMESPACEREQUEST']._serialized_end=750
-  _globals['_NAMESPACES']._serialized_start=753
-  _globals['_NAMESPACES']._serialized_end=1232
+  _globals['_LISTNAMESPACESREQUEST']._serialized_start=270
+  _globals['_LISTNAMESPACESREQUEST']._serialized_end=309
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=311
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=401
+  _globals['_CREATENAMESPACEREQUEST']._serialized_start=403
+  _globals['_CREATENAMESPACEREQUEST']._serialized_end=492
+  _globals['_CREATENAMESPACERESPONSE']._serialized_start=494
+  _globals['_CREATENAMESPACERESPONSE']._serialized_end=584
+  _globals['_DELETENAMESPACEREQUEST']._serialized_start=586
+  _globals['_DELETENAMESPACEREQUEST']._serialized_end=624
+  _globals['_NAMESPACES']._serialized_start=627
+  _globals['_NAMESPACES']._serialized_end=986
 # @@protoc_insertion_point(module_scope)

@@ -22,18 +22,6 @@ class Namespace(_message.Message):
     labels: _containers.ScalarMap[str, str]
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class GetNamespaceRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class GetNamespaceResponse(_message.Message):
-    __slots__ = ("namespace",)
-    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
-    namespace: Namespace
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ...) -> None: ...
-
 class ListNamespacesRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
