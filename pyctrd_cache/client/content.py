@@ -230,7 +230,9 @@ class ContentWriter:
         except StopIteration:
             raise NotFoundError("write stream ended early", rpc="Content.Write") from None
         except BaseException:
+            # The call is over: end the request iterator so gRPC's sending thread exits.
             self._closed = True
+            self._requests.put(None)
             raise
 
     def write(self, data: bytes) -> None:
