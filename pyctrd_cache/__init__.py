@@ -20,20 +20,32 @@ from .errors import (
     UnavailableError,
     UnimplementedError,
 )
+from .manager import Manager
+from .refs import ImmutableRef, MutableRef, Ref
+from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
 
 __all__ = [
     "AlreadyExistsError",
     "CacheError",
+    "CachePolicy",
     "ContainerdError",
     "Descriptor",
     "EmbeddedContainerd",
     "FailedPreconditionError",
+    "ImmutableRef",
     "InvalidError",
     "LockedError",
+    "Manager",
     "Mount",
+    "MutableRef",
     "NeedsRemoteProvidersError",
     "NoBlobsError",
     "NotFoundError",
+    "PrunePolicy",
+    "RecordType",
+    "Ref",
+    "RefInfo",
     "UnavailableError",
     "UnimplementedError",
+    "UsageInfo",
 ]

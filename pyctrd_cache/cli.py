@@ -21,14 +21,9 @@ from typing import Final
 from .client import DEFAULT_ADDRESS, Client, validate_namespace
 from .embedded import EmbeddedContainerd
 from .errors import CacheError, UnavailableError
+from .manager import DEFAULT_NAMESPACE, default_state_dir
 
 PROG: Final = "pyctrd-cache"
-DEFAULT_NAMESPACE: Final = "pyctrd"
-
-
-def default_state_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return pathlib.Path(base) / "pyctrd-cache"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ from pyctrd_cache.client import Client
 from pyctrd_cache.daemon_config import parse_version
 from pyctrd_cache.embedded import EmbeddedContainerd, containerd_version
 from pyctrd_cache.errors import CacheError, FailedPreconditionError, NotFoundError
+from pyctrd_cache.manager import Manager
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INSTALLED = ROOT / ".containerd" / "bin"
@@ -138,3 +139,36 @@ def clean_namespace(client: Client) -> None:
 def client(daemon: Daemon, namespace: str) -> Iterator[Client]:
     with Client(daemon.address, namespace=namespace) as c:
         yield c
+
+
+class Managers:
+    """Opens managers on the test's namespace and closes whatever is left open."""
+
+    def __init__(self, daemon: Daemon, namespace: str, state_dir: pathlib.Path) -> None:
+        self.daemon = daemon
+        self.namespace = namespace
+        self.state_dir = state_dir
+        self.opened: list[Manager] = []
+
+    def open(self, state_dir: pathlib.Path | None = None) -> Manager:
+        cm = Manager.open(
+            self.daemon.address,
+            namespace=self.namespace,
+            snapshotter=SNAPSHOTTER,
+            state_dir=state_dir or self.state_dir,
+        )
+        self.opened.append(cm)
+        return cm
+
+    def close_all(self) -> None:
+        for cm in self.opened:
+            cm.close()
+
+
+@pytest.fixture
+def managers(daemon: Daemon, namespace: str, tmp_path: pathlib.Path) -> Iterator[Managers]:
+    opened = Managers(daemon, namespace, tmp_path / "state")
+    try:
+        yield opened
+    finally:
+        opened.close_all()

@@ -1,0 +1,667 @@
+"""The cache manager (BuildKit's cache/manager.go): look-up, life cycle, usage and prune.
+
+State lives in three places (DESIGN.md): containerd holds snapshots, blobs and one lease per
+record (lease id = record id, `containerd.io/gc.flat`, and this manager's ownership label);
+the metadata store holds the rows; process memory holds open handles and locks. Every
+change follows the same order so that a crash at any point leaves state `open` repairs:
+create the lease, then the containerd objects under it, then the row; remove by marking the
+row deleted, deleting the lease, then dropping the row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Final
+
+from . import filters
+from ._faults import crash_point
+from ._singleflight import SingleFlight
+from .client import DEFAULT_ADDRESS, Client, ContentService, SnapshotKind
+from .errors import (
+    AlreadyExistsError,
+    CacheError,
+    InvalidError,
+    LockedError,
+    NotFoundError,
+)
+from .metadata import MetadataStore, RecordMeta
+from .refs import ImmutableRef, MutableRef, _Record, now_ns
+from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
+
+__all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
+
+OWNER_LABEL: Final = "pyctrd-cache/manager"
+"""On every lease a manager creates; the value is the id of the manager's metadata store."""
+KIND_LABEL: Final = "pyctrd-cache/kind"
+DEFAULT_NAMESPACE: Final = "pyctrd"
+_REMOTE_SNAPSHOT_LABEL: Final = "containerd.io/snapshot/remote"
+
+
+def default_state_dir() -> pathlib.Path:
+    """`$XDG_STATE_HOME/pyctrd-cache`, else `~/.local/state/pyctrd-cache`."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return pathlib.Path(base) / "pyctrd-cache"
+
+
+def _new_id() -> str:
+    """25 lowercase base-36 characters of 128 random bits, as BuildKit's identity.NewID."""
+    n = int.from_bytes(os.urandom(16), "big")
+    chars = []
+    for _ in range(25):
+        n, d = divmod(n, 36)
+        chars.append("0123456789abcdefghijklmnopqrstuvwxyz"[d])
+    return "".join(reversed(chars))
+
+
+@dataclass
+class _UsageEntry:
+    rec: _Record
+    info: RefInfo
+    refs: int
+    double_ref: bool
+
+
+class Manager:
+    """BuildKit's cache manager over one containerd namespace and one state directory.
+
+    Create it with `Manager.open`; all methods, and those of its refs, are thread-safe.
+    """
+
+    def __init__(self, client: Client, store: MetadataStore, snapshotter: str) -> None:
+        self._client = client
+        self._store = store
+        self.snapshotter = snapshotter
+        self._mu = threading.Lock()
+        self._prune_mu = threading.Lock()
+        self._records: dict[str, _Record] = {}
+        self._flight = SingleFlight()
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
+        self._background: set[Future[None]] = set()
+        self._closed = False
+
+    # Opening and closing.
+
+    @classmethod
+    def open(
+        cls,
+        address: str | None = None,
+        *,
+        namespace: str | None = None,
+        snapshotter: str = "overlayfs",
+        state_dir: str | os.PathLike[str] | None = None,
+    ) -> Manager:
+        """Connects, checks the snapshotter, opens the metadata store and reconciles it with
+        containerd (see `reconcile`)."""
+        address = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
+        namespace = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
+        client = Client(address, namespace=namespace)
+        try:
+            client.check(snapshotter=snapshotter)
+            store = MetadataStore(state_dir if state_dir is not None else default_state_dir())
+        except BaseException:
+            client.close()
+            raise
+        manager = cls(client, store, snapshotter)
+        try:
+            manager._reconcile()
+        except BaseException:
+            manager.close()
+            raise
+        return manager
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Waits for background removals, then releases the metadata store; the manager is
+        unusable afterwards."""
+        if self._closed:
+            return
+        self._executor.shutdown(wait=True)
+        with self._mu:
+            self._closed = True
+        self._store.close()
+        self._client.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidError("the cache manager is closed")
+
+    @property
+    def namespace(self) -> str:
+        return self._client.namespace
+
+    @property
+    def state_dir(self) -> pathlib.Path:
+        return self._store.state_dir
+
+    @property
+    def manager_id(self) -> str:
+        """The id in the ownership label of this manager's leases."""
+        return self._store.manager_id
+
+    @property
+    def content(self) -> ContentService:
+        """The content store of the namespace, for the caller's own content work."""
+        return self._client.content
+
+    def new_id(self) -> str:
+        return _new_id()
+
+    # containerd helpers.
+
+    def _lease_labels(self, kind: str) -> dict[str, str]:
+        return {OWNER_LABEL: self.manager_id, KIND_LABEL: kind}
+
+    def _create_lease(
+        self,
+        lease_id: str,
+        kind: str,
+        *,
+        exist_ok: bool = False,
+        expire: timedelta | None = None,
+    ) -> Client:
+        """Creates a flat lease owned by this manager; a client whose calls attach to it."""
+        try:
+            self._client.leases.create(
+                lease_id, labels=self._lease_labels(kind), flat=True, expire=expire
+            )
+        except AlreadyExistsError:
+            if not exist_ok:
+                raise
+        return self._client.with_lease(lease_id)
+
+    def _remove_later(self, rec: _Record) -> None:
+        """Removes `rec` (already marked deleted) outside the caller's locks."""
+
+        def remove() -> None:
+            with self._mu, rec.mu:
+                if not rec.removed:
+                    rec.remove(remove_snapshot=True)
+
+        future = self._executor.submit(remove)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
+    def _is_lazy(self, rec: _Record) -> bool:
+        if not rec.md.blob_only or not rec.md.blob:
+            return False
+        try:
+            self._client.content.info(rec.md.blob)
+        except NotFoundError:
+            return True
+        try:
+            info = self._client.snapshots(self.snapshotter).stat(rec.md.snapshot_id)
+        except NotFoundError:
+            return False
+        return _REMOTE_SNAPSHOT_LABEL in info.labels
+
+    # Reconciliation.
+
+    def _reconcile(self) -> None:
+        """Brings the store in line with containerd after a restart or a crash.
+
+        Finishes removals marked in the store, completes finalizes that committed the
+        snapshot but not the row, drops rows whose containerd objects are gone, loads the
+        rest, and deletes leases of this manager that no row accounts for.
+        """
+        leases = {
+            lease.id
+            for lease in self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
+        }
+        snapshots = {s.name: s.kind for s in self._client.snapshots(self.snapshotter).list()}
+        rows = {md.id: md for md in self._store.all()}
+
+        for md in list(rows.values()):
+            twin = rows.get(md.equal_mutable) if md.equal_mutable else None
+            if (
+                md.equal_mutable
+                and not md.deleted
+                and md.id in leases
+                and snapshots.get(md.id) is SnapshotKind.COMMITTED
+            ):
+                # A finalize committed the snapshot, then stopped before its row changed.
+                md.equal_mutable = ""
+                md.snapshot_id = md.id
+                changed = [md]
+                if twin is not None:
+                    twin.deleted = True
+                    changed.append(twin)
+                self._store.update(*changed)
+
+        for md in list(rows.values()):
+            if md.deleted:
+                with contextlib.suppress(NotFoundError):
+                    self._client.leases.delete(md.id)
+                self._store.delete(md.id)
+                leases.discard(md.id)
+                del rows[md.id]
+
+        valid: dict[str, bool] = {}
+
+        def is_valid(record_id: str, seen: frozenset[str] = frozenset()) -> bool:
+            if record_id in valid:
+                return valid[record_id]
+            md = rows.get(record_id)
+            ok = md is not None and record_id not in seen
+            if md is not None and ok:
+                seen = seen | {record_id}
+                if md.parent and not is_valid(md.parent, seen):
+                    ok = False
+                elif md.equal_mutable:
+                    twin = rows.get(md.equal_mutable)
+                    ok = twin is not None and not twin.committed and is_valid(twin.id, seen)
+                elif not md.committed:
+                    ok = md.id in leases and snapshots.get(md.snapshot_id) is SnapshotKind.ACTIVE
+                else:
+                    ok = md.id in leases and (
+                        md.blob_only or snapshots.get(md.snapshot_id) is SnapshotKind.COMMITTED
+                    )
+            valid[record_id] = ok
+            return ok
+
+        dropped = [record_id for record_id in rows if not is_valid(record_id)]
+        for record_id in dropped:
+            self._store.delete(record_id)
+            del rows[record_id]
+        with self._mu:
+            for record_id in rows:
+                self._get_record(record_id)
+        for lease_id in leases - rows.keys():
+            with contextlib.suppress(NotFoundError):
+                self._client.leases.delete(lease_id)
+
+    # Records. The manager lock is held for all of these.
+
+    def _get_record(self, record_id: str) -> _Record:
+        rec = self._records.get(record_id)
+        if rec is not None:
+            if rec.is_dead():
+                raise NotFoundError(f"record {record_id} was removed")
+            return rec
+        md = self._store.get(record_id)
+        if md is None or md.deleted:
+            raise NotFoundError(f"no record {record_id}")
+        if md.equal_mutable:
+            mutable = self._get_record(md.equal_mutable)
+            rec = _Record(self, md, mutable=False, parent=mutable.parent_ref(False), mu=mutable.mu)
+            rec.equal_mutable = MutableRef(mutable, False)
+            mutable.equal_immutable = ImmutableRef(rec, False)
+            self._records[record_id] = rec
+            return rec
+        parent = self._get(md.parent, trigger_last_used=False) if md.parent else None
+        rec = _Record(self, md, mutable=not md.committed, parent=parent)
+        self._records[record_id] = rec
+        return rec
+
+    def _get(self, record_id: str, *, trigger_last_used: bool) -> ImmutableRef:
+        rec = self._get_record(record_id)
+        with rec.mu:
+            if rec.mutable:
+                if rec.refs:
+                    raise LockedError(f"record {record_id} is locked")
+                if rec.equal_immutable is not None:
+                    return rec.equal_immutable._rec.ref(trigger_last_used)
+                return self._commit(rec.mref(trigger_last_used))
+            return rec.ref(trigger_last_used)
+
+    def _commit(self, ref: MutableRef) -> ImmutableRef:
+        """The lazy commit: a new immutable record whose data is the mutable's snapshot.
+
+        The manager lock and the mutable's record lock are held.
+        """
+        mrec = ref._rec
+        if not mrec.mutable or ref not in mrec.refs:
+            raise InvalidError(f"invalid mutable ref {ref.id}")
+        md = RecordMeta(
+            _new_id(),
+            committed=True,
+            parent=mrec.md.parent,
+            equal_mutable=mrec.id,
+            snapshot_id=mrec.md.snapshot_id,
+            description=mrec.md.description,
+            created_at=now_ns(),
+        )
+        rec = _Record(self, md, mutable=False, parent=mrec.parent_ref(False), mu=mrec.mu)
+        rec.equal_mutable = ref
+        ref._released = True
+        self._store.insert(md)
+        self._records[md.id] = rec
+        immutable = rec.ref(True)
+        mrec.equal_immutable = immutable
+        return immutable
+
+    # Public look-up and life cycle.
+
+    def new(
+        self,
+        parent: ImmutableRef | None = None,
+        *,
+        cache_policy: CachePolicy = CachePolicy.DEFAULT,
+        description: str | None = None,
+        record_type: RecordType | None = None,
+        created_at: datetime | None = None,
+    ) -> MutableRef:
+        """A new writable snapshot on top of `parent` (a finalized copy of it)."""
+        self._check_open()
+        record_id = _new_id()
+        parent_ref: ImmutableRef | None = None
+        if parent is not None:
+            if parent._rec.cm is not self:
+                raise InvalidError(f"ref {parent.id} belongs to another manager")
+            parent_ref = parent.clone()
+        try:
+            parent_snapshot = ""
+            if parent_ref is not None:
+                parent_ref.finalize()
+                parent_snapshot = parent_ref._rec.md.snapshot_id
+            leased = self._create_lease(record_id, "record")
+            crash_point("new.after_lease")
+            try:
+                leased.snapshots(self.snapshotter).prepare(record_id, parent_snapshot)
+            except CacheError:
+                with contextlib.suppress(CacheError):
+                    self._client.leases.delete(record_id)
+                raise
+            crash_point("new.after_prepare")
+            md = RecordMeta(
+                record_id,
+                parent=parent_ref.id if parent_ref else "",
+                snapshot_id=record_id,
+                cache_policy=CachePolicy(cache_policy).value,
+                description=description or "",
+                record_type=RecordType(record_type).value if record_type else "",
+                created_at=int(created_at.timestamp() * 1e9) if created_at else now_ns(),
+            )
+            with self._mu:
+                self._check_open()
+                self._store.insert(md)
+                rec = _Record(self, md, mutable=True, parent=parent_ref)
+                self._records[record_id] = rec
+                return rec.mref(True)
+        except BaseException:
+            if parent_ref is not None:
+                parent_ref.release()
+            raise
+
+    def get(self, record_id: str, *, update_last_used: bool = True) -> ImmutableRef:
+        """An immutable ref on the record; a mutable record with no open handle is committed
+        (lazily) first."""
+        with self._mu:
+            self._check_open()
+            return self._get(record_id, trigger_last_used=update_last_used)
+
+    def get_mutable(self, record_id: str) -> MutableRef:
+        """The mutable record again; `LockedError` while any ref of it or of its equal
+        immutable is open. An unfinalized equal immutable record is dropped."""
+        with self._mu:
+            self._check_open()
+            rec = self._get_record(record_id)
+            with rec.mu:
+                if not rec.mutable:
+                    raise InvalidError(f"record {record_id} is not mutable")
+                if rec.refs:
+                    raise LockedError(f"record {record_id} is locked")
+                twin = rec.equal_immutable
+                if twin is not None:
+                    if twin._rec.refs:
+                        raise LockedError(f"record {record_id} is locked")
+                    twin._rec.remove(remove_snapshot=False)
+                    rec.equal_immutable = None
+                return rec.mref(True)
+
+    @contextlib.contextmanager
+    def lease(self, *, expire: timedelta | None = None) -> Iterator[str]:
+        """A containerd lease for the caller's own content work, deleted on exit.
+
+        It carries this manager's ownership label, so a crash leaves nothing behind: the
+        next `open` deletes it.
+        """
+        self._check_open()
+        lease_id = f"caller-{_new_id()}"
+        self._create_lease(lease_id, "caller", expire=expire)
+        try:
+            yield lease_id
+        finally:
+            with contextlib.suppress(NotFoundError):
+                self._client.leases.delete(lease_id)
+
+    # Disk usage.
+
+    def disk_usage(self, *, filters: Sequence[str] = ()) -> list[UsageInfo]:
+        """One entry per record; sizes are computed concurrently and cached.
+
+        A record is in use while a handle on it, or on a record built on it, is open.
+        """
+        self._check_open()
+        match = _compile(filters)
+        entries = self._usage_entries()
+        infos = [self._usage_info(e.info, e.refs) for e in entries.values()]
+        infos = [i for i in infos if match.match(_adaptor(i))]
+        unknown = [i for i in infos if i.size < 0]
+        sizes = dict(
+            zip(
+                (i.id for i in unknown),
+                self._executor.map(lambda i: self._size_of(entries[i.id].rec), unknown),
+                strict=True,
+            )
+        )
+        infos.sort(key=lambda i: (i.created_at.timestamp() if i.created_at else 0.0, i.id))
+        return [_replace_size(i, sizes[i.id]) if i.id in sizes else i for i in infos]
+
+    def _size_of(self, rec: _Record) -> int:
+        return self._flight.do(f"size-{rec.id}", rec.compute_size)
+
+    def _usage_entries(self) -> dict[str, _UsageEntry]:
+        """The records a usage report shows, with in-use counted through children."""
+        entries: dict[str, _UsageEntry] = {}
+        with self._mu:
+            for rec in list(self._records.values()):
+                with rec.mu:
+                    if _shares_data_with_listed_twin(rec) or rec.is_dead():
+                        continue
+                    entries[rec.id] = _UsageEntry(
+                        rec,
+                        rec.info(),
+                        refs=len(rec.refs),
+                        double_ref=rec.equal_immutable is not None,
+                    )
+        # A child's handle on its parent counts as a use of the parent only while the child
+        # itself is used.
+        rescan = set(entries)
+        while rescan:
+            entry = entries[rescan.pop()]
+            parent_id = entry.info.parent_id
+            if entry.refs == 0 and parent_id in entries:
+                parent = entries[parent_id]
+                parent.refs -= 2 if entry.double_ref else 1
+                rescan.add(parent_id)
+        return entries
+
+    @staticmethod
+    def _usage_info(info: RefInfo, refs: int) -> UsageInfo:
+        size = info.size if info.size is not None else -1
+        if info.mutable and refs > 0:
+            size = 0  # changing while in use
+        return UsageInfo(
+            id=info.id,
+            mutable=info.mutable,
+            in_use=refs > 0,
+            size=size,
+            parents=[info.parent_id] if info.parent_id else [],
+            created_at=info.created_at,
+            last_used_at=info.last_used_at,
+            usage_count=info.usage_count,
+            description=info.description,
+            record_type=info.record_type,
+            shared=False,
+        )
+
+    # Prune.
+
+    def prune(
+        self, *policies: PrunePolicy, on_removed: Callable[[UsageInfo], None] | None = None
+    ) -> list[UsageInfo]:
+        """Removes unused records by each policy in turn (no policy: the default one) and
+        lets containerd collect what they held before returning; prunes never overlap."""
+        self._check_open()
+        removed: list[UsageInfo] = []
+
+        def report(info: UsageInfo) -> None:
+            removed.append(info)
+            if on_removed is not None:
+                on_removed(info)
+
+        with self._prune_mu:
+            for policy in policies or (PrunePolicy(),):
+                self._prune_once(policy, report)
+            if removed:
+                self._collect_garbage()
+        return removed
+
+    def _collect_garbage(self) -> None:
+        """Runs containerd's garbage collector and waits for it."""
+        gc_lease = f"gc-{_new_id()}"
+        self._client.leases.create(gc_lease, labels=self._lease_labels("gc"))
+        self._client.leases.delete(gc_lease, sync=True)
+
+    def _prune_once(self, policy: PrunePolicy, report: Callable[[UsageInfo], None]) -> None:
+        match = _compile(policy.filters)
+        total = 0
+        if policy.keep_bytes:
+            total = sum(u.size for u in self.disk_usage() if not u.shared)
+        cut_off = (
+            now_ns() - int(policy.keep_duration.total_seconds() * 1e9)
+            if policy.keep_duration
+            else None
+        )
+        while True:
+            if policy.keep_bytes and total <= policy.keep_bytes:
+                return
+            batch = self._prune_candidates(policy, match, cut_off)
+            if not batch:
+                return
+            for rec in batch:
+                self._size_of(rec)
+            # The manager lock is taken per record, so other calls go on during a long prune.
+            for rec in batch:
+                with self._mu, rec.mu:
+                    info = self._removed_info(rec)
+                    total -= info.size
+                    if rec.equal_immutable is not None:
+                        rec.equal_immutable._rec.remove(remove_snapshot=False)
+                    rec.remove(remove_snapshot=True)
+                report(info)
+
+    def _prune_candidates(
+        self, policy: PrunePolicy, match: filters.Filter, cut_off: int | None
+    ) -> list[_Record]:
+        """Marks and returns the next records to remove: every unused record the policy
+        allows, or with `keep_bytes` only the least recently used one of them."""
+        candidates: list[_Record] = []
+        with self._mu:
+            for rec in list(self._records.values()):
+                with rec.mu:
+                    if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
+                        continue
+                    record_type = rec.md.record_type or RecordType.REGULAR
+                    if not policy.all and record_type in (RecordType.INTERNAL, RecordType.FRONTEND):
+                        continue
+                    if (
+                        cut_off is not None
+                        and rec.md.last_used_at is not None
+                        and rec.md.last_used_at > cut_off
+                    ):
+                        continue
+                    if match.match(_adaptor(self._usage_info(rec.info(), 0))):
+                        candidates.append(rec)
+            if policy.keep_bytes and candidates:
+                candidates = _rank_for_removal(candidates)[:1]
+            for rec in candidates:
+                with rec.mu:
+                    rec.dead = True
+                    rec.md.deleted = True
+            self._store.update(*(rec.md for rec in candidates))
+        return candidates
+
+    def _removed_info(self, rec: _Record) -> UsageInfo:
+        size = rec.md.size
+        if size is None and rec.equal_immutable is not None:
+            size = rec.equal_immutable._rec.md.size
+        return _replace_size(self._usage_info(rec.info(), 0), size if size is not None else 0)
+
+
+def _shares_data_with_listed_twin(rec: _Record) -> bool:
+    """Of an equal mutable/immutable pair only one is listed: the immutable while it has
+    handles, the mutable otherwise."""
+    return (rec.equal_immutable is not None and bool(rec.equal_immutable._rec.refs)) or (
+        rec.equal_mutable is not None and not rec.refs
+    )
+
+
+def _rank_for_removal(recs: list[_Record]) -> list[_Record]:
+    """BuildKit's order for size-bound pruning: the sum of each record's rank by last use and
+    its rank by usage count, each scaled to 0..1, least first."""
+    by_last_used = sorted(
+        recs, key=lambda r: (r.md.last_used_at is not None, r.md.last_used_at or 0)
+    )
+    last_used_rank: dict[str, int] = {}
+    rank, latest = 0, -1
+    for r in by_last_used:
+        if r.md.last_used_at is not None and r.md.last_used_at > latest:
+            latest = r.md.last_used_at
+            rank += 1
+        last_used_rank[r.id] = rank
+    max_last_used = rank or 1
+    by_count = sorted(recs, key=lambda r: r.md.usage_count)
+    count_rank: dict[str, int] = {}
+    rank, count = 0, 0
+    for r in by_count:
+        if r.md.usage_count != count:
+            count = r.md.usage_count
+            rank += 1
+        count_rank[r.id] = rank
+    max_count = rank or 1
+    return sorted(
+        recs, key=lambda r: last_used_rank[r.id] / max_last_used + count_rank[r.id] / max_count
+    )
+
+
+def _compile(filter_strings: Sequence[str]) -> filters.Filter:
+    return filters.parse_all(*filter_strings)
+
+
+def _adaptor(info: UsageInfo) -> filters.Adaptor:
+    return filters.adapt(
+        {
+            "id": (info.id, bool(info.id)),
+            "parents": (info.parents[0] if info.parents else "", bool(info.parents)),
+            "description": (info.description, bool(info.description)),
+            "inuse": ("", info.in_use),
+            "mutable": ("", info.mutable),
+            "immutable": ("", not info.mutable),
+            "type": (info.record_type.value, True),
+            "shared": ("", info.shared),
+            "private": ("", not info.shared),
+        }
+    )
+
+
+def _replace_size(info: UsageInfo, size: int) -> UsageInfo:
+    return replace(info, size=size)

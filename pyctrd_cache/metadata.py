@@ -1,0 +1,309 @@
+"""The metadata store: one SQLite database per state directory.
+
+Every record is one row holding all the fields BuildKit keeps under its `cache.*` and
+`snapshot.*` keys, with indexes on chain id and blob chain id, and per-record external
+key/values in a table of their own. A write is one transaction (BuildKit's queue-then-commit
+becomes "change the in-memory row, then `save` it"). The database runs in WAL mode with
+`synchronous=NORMAL`: a committed transaction survives a crash of the process, which is the
+failure the cache must survive (a power loss may lose the last transactions, never corrupt).
+
+The state directory is locked with `flock` while a store is open: a second store on it, in
+any process, fails with `LockedError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import pathlib
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Final
+
+from .errors import CacheError, InvalidError, LockedError
+
+DB_NAME: Final = "metadata.db"
+LOCK_NAME: Final = "lock"
+
+_COLUMNS: Final = (
+    "id",
+    "committed",
+    "parent",
+    "equal_mutable",
+    "snapshot_id",
+    "size",
+    "cache_policy",
+    "description",
+    "created_at",
+    "last_used_at",
+    "usage_count",
+    "layer_type",
+    "record_type",
+    "diff_id",
+    "chain_id",
+    "blob_chain_id",
+    "blob",
+    "blob_only",
+    "media_type",
+    "blob_size",
+    "image_refs",
+    "deleted",
+)
+
+# Each entry moves the schema one version up; PRAGMA user_version counts the applied ones.
+# Statements are separated by ';' and contain none themselves.
+_MIGRATIONS: Final = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE records (
+        id TEXT PRIMARY KEY,
+        committed INTEGER NOT NULL DEFAULT 0,
+        parent TEXT NOT NULL DEFAULT '',
+        equal_mutable TEXT NOT NULL DEFAULT '',
+        snapshot_id TEXT NOT NULL DEFAULT '',
+        size INTEGER,
+        cache_policy INTEGER NOT NULL DEFAULT 0,
+        description TEXT NOT NULL DEFAULT '',
+        created_at INTEGER,
+        last_used_at INTEGER,
+        usage_count INTEGER NOT NULL DEFAULT 0,
+        layer_type TEXT NOT NULL DEFAULT '',
+        record_type TEXT NOT NULL DEFAULT '',
+        diff_id TEXT NOT NULL DEFAULT '',
+        chain_id TEXT NOT NULL DEFAULT '',
+        blob_chain_id TEXT NOT NULL DEFAULT '',
+        blob TEXT NOT NULL DEFAULT '',
+        blob_only INTEGER NOT NULL DEFAULT 0,
+        media_type TEXT NOT NULL DEFAULT '',
+        blob_size INTEGER,
+        image_refs TEXT NOT NULL DEFAULT '[]',
+        deleted INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX records_chain_id ON records (chain_id) WHERE chain_id != '';
+    CREATE INDEX records_blob_chain_id ON records (blob_chain_id) WHERE blob_chain_id != '';
+    CREATE TABLE externals (
+        record_id TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (record_id, key)
+    );
+    """,
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+
+@dataclass
+class RecordMeta:
+    """One record's row. Times are nanoseconds since the epoch; None means unset."""
+
+    id: str
+    committed: bool = False
+    parent: str = ""
+    equal_mutable: str = ""
+    snapshot_id: str = ""
+    size: int | None = None
+    cache_policy: int = 0
+    description: str = ""
+    created_at: int | None = None
+    last_used_at: int | None = None
+    usage_count: int = 0
+    layer_type: str = ""
+    record_type: str = ""
+    diff_id: str = ""
+    chain_id: str = ""
+    blob_chain_id: str = ""
+    blob: str = ""
+    blob_only: bool = False
+    media_type: str = ""
+    blob_size: int | None = None
+    image_refs: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+    def copy(self) -> RecordMeta:
+        return dataclasses.replace(self, image_refs=list(self.image_refs))
+
+
+def _to_row(meta: RecordMeta) -> tuple[object, ...]:
+    values = dataclasses.astuple(meta)
+    index = _COLUMNS.index("image_refs")
+    return (*values[:index], json.dumps(meta.image_refs), *values[index + 1 :])
+
+
+def _from_row(row: sqlite3.Row) -> RecordMeta:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["image_refs"] = json.loads(values["image_refs"])
+    for flag in ("committed", "blob_only", "deleted"):
+        values[flag] = bool(values[flag])
+    return RecordMeta(**values)
+
+
+class MetadataStore:
+    """The records of one state directory; thread-safe, one open store per directory."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = pathlib.Path(state_dir)
+        self.path = self.state_dir / DB_NAME
+        self._mu = threading.Lock()
+        self._lock_fd = self._lock_directory()
+        try:
+            self._db = self._connect()
+            self.manager_id = self._migrate()
+        except sqlite3.DatabaseError as err:
+            self._release_lock()
+            raise CacheError(f"cannot open the metadata store {self.path}: {err}") from None
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _lock_directory(self) -> int:
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.state_dir, 0o700)
+            fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise CacheError(
+                f"cannot use state directory {self.state_dir}: {err.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(
+                f"state directory {self.state_dir} is in use by another open manager"
+            ) from None
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _connect(self) -> sqlite3.Connection:
+        # The file exists with mode 0600 before SQLite opens it, whatever the umask; SQLite
+        # gives its -wal and -shm files the database file's mode.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.chmod(self.path, 0o600)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA quick_check").fetchone()
+        return db
+
+    def _migrate(self) -> str:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise InvalidError(
+                f"metadata store {self.path} has schema version {version}, newer than this "
+                f"version of pyctrd-cache understands ({SCHEMA_VERSION})"
+            )
+        with self._transaction() as db:
+            for number in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number + 1}")
+            row = db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
+            if row is not None:
+                return str(row[0])
+            manager_id = uuid.uuid4().hex
+            db.execute("INSERT INTO meta (key, value) VALUES ('manager_id', ?)", (manager_id,))
+            return manager_id
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._mu:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._mu:
+            return self._db.execute(sql, args).fetchall()
+
+    def all(self) -> list[RecordMeta]:
+        return [_from_row(r) for r in self._query(f"SELECT {', '.join(_COLUMNS)} FROM records")]
+
+    def get(self, record_id: str) -> RecordMeta | None:
+        rows = self._query(f"SELECT {', '.join(_COLUMNS)} FROM records WHERE id = ?", (record_id,))
+        return _from_row(rows[0]) if rows else None
+
+    def search_chain(self, chain_id: str) -> list[str]:
+        """Ids of live records with this chain id."""
+        rows = self._query(
+            "SELECT id FROM records WHERE chain_id = ? AND NOT deleted ORDER BY rowid", (chain_id,)
+        )
+        return [r[0] for r in rows]
+
+    def search_blob_chain(self, blob_chain_id: str) -> list[str]:
+        """Ids of live records with this blob chain id."""
+        rows = self._query(
+            "SELECT id FROM records WHERE blob_chain_id = ? AND NOT deleted ORDER BY rowid",
+            (blob_chain_id,),
+        )
+        return [r[0] for r in rows]
+
+    def insert(self, meta: RecordMeta) -> None:
+        """Writes a new row."""
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                _to_row(meta),
+            )
+
+    def update(self, *metas: RecordMeta, delete: Iterable[str] = ()) -> None:
+        """Rewrites existing rows and drops the rows `delete`, in one transaction.
+
+        A row that no longer exists is not brought back.
+        """
+        assignments = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+        with self._transaction() as db:
+            db.executemany(
+                f"UPDATE records SET {assignments} WHERE id = ?",
+                [(*_to_row(m)[1:], m.id) for m in metas],
+            )
+            db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in delete])
+
+    def delete(self, *record_ids: str) -> None:
+        """Drops the rows and their external values."""
+        self.update(delete=record_ids)
+
+    def get_external(self, record_id: str, key: str) -> bytes | None:
+        rows = self._query(
+            "SELECT value FROM externals WHERE record_id = ? AND key = ?", (record_id, key)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    def set_external(self, record_id: str, key: str, value: bytes) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO externals (record_id, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (record_id, key) DO UPDATE SET value = excluded.value",
+                (record_id, key, value),
+            )
+
+    def size_on_disk(self) -> int:
+        """Bytes the database and its write-ahead log take."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with suppress(FileNotFoundError):
+                total += os.stat(str(self.path) + suffix).st_size
+        return total
+
+    def close(self) -> None:
+        with self._mu:
+            self._db.close()
+        self._release_lock()

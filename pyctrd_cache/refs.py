@@ -1,0 +1,538 @@
+"""Cache records and the counted handles on them (BuildKit's cache/refs.go).
+
+Locking rules, as in BuildKit: the manager lock is taken before any record lock; a record
+lock is shared by records that share data (a mutable record and its equal immutable);
+methods whose names start with `_` expect the caller to hold the record lock unless they
+say otherwise. A child's record lock may be held while its parent's is taken, never the
+other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from ._faults import crash_point
+from .client import Mount
+from .errors import CacheError, InvalidError, NotFoundError
+from .metadata import RecordMeta
+from .types import CachePolicy, RecordType, RefInfo
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+__all__ = ["ImmutableRef", "MutableRef", "Ref", "readonly_mounts"]
+
+COMPRESSION_VARIANT_DIGEST_PREFIX: Final = "buildkit.io/compression/digest."
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _datetime(ns: int | None) -> datetime | None:
+    return None if ns is None else datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+def readonly_mounts(mounts: list[Mount]) -> list[Mount]:
+    """The same mounts, read-only: an overlay's upperdir moves to the front of its lowerdir
+    and its workdir goes; any other mount gets `ro` instead of `rw`."""
+    out = []
+    for m in mounts:
+        if m.type == "overlay":
+            out.append(Mount(m.type, m.source, _readonly_overlay(m.options), m.target))
+        else:
+            options = (*(o for o in m.options if o not in ("rw", "ro")), "ro")
+            out.append(Mount(m.type, m.source, options, m.target))
+    return out
+
+
+def _readonly_overlay(options: tuple[str, ...]) -> tuple[str, ...]:
+    upper = next((o.removeprefix("upperdir=") for o in options if o.startswith("upperdir=")), "")
+    out = []
+    for o in options:
+        if o.startswith(("upperdir=", "workdir=")):
+            continue
+        if upper and o.startswith("lowerdir="):
+            o = f"lowerdir={upper}:{o.removeprefix('lowerdir=')}"
+        out.append(o)
+    return tuple(out)
+
+
+class _Record:
+    """One cache record: metadata, open handles, parent handle and containerd bookkeeping."""
+
+    def __init__(
+        self,
+        cm: Manager,
+        md: RecordMeta,
+        *,
+        mutable: bool,
+        parent: ImmutableRef | None,
+        mu: threading.Lock | None = None,
+    ) -> None:
+        self.cm = cm
+        self.md = md
+        self.mutable = mutable
+        self.parent = parent
+        self.mu = mu or threading.Lock()
+        self.refs: set[Ref] = set()
+        self.dead = False
+        self.removed = False
+        self.view = ""
+        self.view_mounts: list[Mount] | None = None
+        self.equal_mutable: MutableRef | None = None
+        self.equal_immutable: ImmutableRef | None = None
+        self._parent_chain: list[str] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.md.id
+
+    def ref(self, trigger_last_used: bool) -> ImmutableRef:
+        ref = ImmutableRef(self, trigger_last_used)
+        self.refs.add(ref)
+        return ref
+
+    def mref(self, trigger_last_used: bool) -> MutableRef:
+        ref = MutableRef(self, trigger_last_used)
+        self.refs.add(ref)
+        return ref
+
+    def parent_ref(self, trigger_last_used: bool) -> ImmutableRef | None:
+        """A new handle on the parent (takes the parent's lock)."""
+        if self.parent is None:
+            return None
+        prec = self.parent._rec
+        with prec.mu:
+            return prec.ref(trigger_last_used)
+
+    def is_dead(self) -> bool:
+        return (
+            self.dead
+            or (self.equal_immutable is not None and self.equal_immutable._rec.dead)
+            or (self.equal_mutable is not None and self.equal_mutable._rec.dead)
+        )
+
+    def parent_chain(self) -> list[str]:
+        """The blob digests of the chain, parent first; empty while this record has no blob."""
+        if self._parent_chain is None:
+            if not self.md.blob:
+                return []
+            parent = self.parent._rec.parent_chain() if self.parent else []
+            self._parent_chain = [*parent, self.md.blob]
+        return self._parent_chain
+
+    def save(self) -> None:
+        """Persists the in-memory row (no-op once the record is removed)."""
+        if not self.removed:
+            self.cm._store.update(self.md)
+
+    def update_last_used(self) -> None:
+        self.md.usage_count += 1
+        self.md.last_used_at = now_ns()
+        self.save()
+
+    def info(self) -> RefInfo:
+        md = self.md
+        return RefInfo(
+            id=md.id,
+            mutable=self.mutable,
+            parent_id=md.parent or None,
+            snapshot_id=md.snapshot_id,
+            equal_mutable_id=md.equal_mutable or None,
+            blob=md.blob or None,
+            diff_id=md.diff_id or None,
+            chain_id=md.chain_id or None,
+            blob_chain_id=md.blob_chain_id or None,
+            media_type=md.media_type or None,
+            blob_size=md.blob_size,
+            blob_only=md.blob_only,
+            size=md.size,
+            description=md.description,
+            created_at=_datetime(md.created_at),
+            last_used_at=_datetime(md.last_used_at),
+            usage_count=md.usage_count,
+            record_type=RecordType(md.record_type or RecordType.REGULAR),
+            layer_type=md.layer_type,
+            cache_policy=CachePolicy(md.cache_policy),
+            image_refs=tuple(md.image_refs),
+        )
+
+    # Life cycle. The manager lock is held for all of these.
+
+    def release_immutable(self, ref: ImmutableRef) -> None:
+        self.refs.discard(ref)
+        if ref.trigger_last_used and not any(r.trigger_last_used for r in self.refs):
+            self.update_last_used()
+            if self.equal_mutable is not None:
+                self.equal_mutable.trigger_last_used = True
+        if self.refs:
+            return
+        if self.view:
+            self.cm._client.leases.delete(self.view)
+            self.view = ""
+            self.view_mounts = None
+        if self.equal_mutable is not None:
+            self.equal_mutable._rec.release_mutable(self.equal_mutable)
+
+    def release_mutable(self, ref: MutableRef) -> None:
+        self.refs.discard(ref)
+        if self.md.cache_policy != CachePolicy.RETAIN.value:
+            twin = self.equal_immutable
+            if twin is not None:
+                if twin._rec.md.cache_policy == CachePolicy.RETAIN.value:
+                    self._trigger_last_used(ref)
+                    return
+                twin._rec.remove(remove_snapshot=False)
+            self.remove(remove_snapshot=True)
+            return
+        self._trigger_last_used(ref)
+
+    def _trigger_last_used(self, ref: MutableRef) -> None:
+        if ref.trigger_last_used:
+            self.update_last_used()
+            ref.trigger_last_used = False
+
+    def remove(self, *, remove_snapshot: bool) -> None:
+        """Drops the record: releases its parent, deletes its lease (with `remove_snapshot`),
+        clears its row. The row is marked deleted before the lease goes, so that a crash in
+        between is finished by `Manager.open`."""
+        self.cm._records.pop(self.id, None)
+        if self.parent is not None:
+            prec = self.parent._rec
+            with prec.mu:
+                prec.release_immutable(self.parent)
+        if remove_snapshot:
+            if not self.md.deleted:
+                self.md.deleted = True
+                self.save()
+            crash_point("remove.after_mark")
+            with contextlib.suppress(NotFoundError):
+                self.cm._client.leases.delete(self.id)
+            crash_point("remove.after_lease_delete")
+        self.removed = True
+        self.cm._store.delete(self.id)
+
+    def finalize(self) -> None:
+        """Commits the equal mutable's snapshot for good under this record's own lease.
+
+        The committed snapshot exists under the new lease before the mutable is marked
+        deleted (in the same transaction that clears the link), and the mutable's removal
+        runs afterwards outside the record lock.
+        """
+        mutable = self.equal_mutable
+        if mutable is None:
+            return
+        mrec = mutable._rec
+        leased = self.cm._create_lease(self.id, "record", exist_ok=True)
+        crash_point("finalize.after_lease")
+        try:
+            leased.snapshots(self.cm.snapshotter).commit(self.id, mrec.md.snapshot_id)
+        except CacheError:
+            with contextlib.suppress(CacheError):
+                self.cm._client.leases.delete(self.id)
+            raise
+        crash_point("finalize.after_snapshot_commit")
+        mrec.dead = True
+        mrec.md.deleted = True
+        self.equal_mutable = None
+        self.md.equal_mutable = ""
+        self.md.snapshot_id = self.id
+        self.cm._store.update(self.md, mrec.md)
+        crash_point("finalize.after_metadata")
+        self.cm._remove_later(mrec)
+
+    def mounts(self, readonly: bool) -> list[Mount]:
+        sn = self.cm._client.snapshots(self.cm.snapshotter)
+        if self.mutable:
+            mounts = sn.mounts(self.md.snapshot_id)
+            return readonly_mounts(mounts) if readonly else mounts
+        if self.equal_mutable is not None and readonly:
+            return readonly_mounts(sn.mounts(self.equal_mutable._rec.md.snapshot_id))
+        self.finalize()
+        if self.view_mounts is None:
+            view = self.cm.new_id()
+            leased = self.cm._create_lease(view, "view")
+            try:
+                self.view_mounts = leased.snapshots(self.cm.snapshotter).view(
+                    view, self.md.snapshot_id
+                )
+            except CacheError:
+                with contextlib.suppress(CacheError):
+                    self.cm._client.leases.delete(view)
+                raise
+            self.view = view
+        return self.view_mounts
+
+    def compute_size(self) -> int:
+        """Snapshot usage plus the blob and its compression variants; cached in the row.
+
+        Takes the record lock itself; call it without holding it.
+        """
+        with self.mu:
+            if self.md.size is not None:
+                return self.md.size
+            driver = self.md.snapshot_id
+            if self.equal_mutable is not None:
+                driver = self.equal_mutable._rec.md.snapshot_id
+            blob_only, blob = self.md.blob_only, self.md.blob
+        size = 0
+        if not blob_only:
+            try:
+                size = self.cm._client.snapshots(self.cm.snapshotter).usage(driver).size
+            except NotFoundError:
+                with self.mu:
+                    if self.is_dead():
+                        return 0
+        if blob:
+            size += self._blob_sizes(blob)
+        with self.mu:
+            self.md.size = size
+            self.save()
+        return size
+
+    def _blob_sizes(self, blob: str) -> int:
+        content = self.cm._client.content
+        try:
+            info = content.info(blob)
+        except NotFoundError:
+            return 0
+        total = info.size
+        for key, value in info.labels.items():
+            # A variant label that points at the blob itself is not counted twice.
+            if key.startswith(COMPRESSION_VARIANT_DIGEST_PREFIX) and value != blob:
+                with contextlib.suppress(CacheError):
+                    total += content.info(value).size
+        return total
+
+
+class Ref:
+    """A counted handle on a cache record; release every ref exactly once."""
+
+    def __init__(self, rec: _Record, trigger_last_used: bool) -> None:
+        self._rec = rec
+        self.trigger_last_used = trigger_last_used
+        self._released = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"
+
+    def __enter__(self) -> Ref:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @property
+    def id(self) -> str:
+        return self._rec.id
+
+    def _check(self) -> None:
+        self._rec.cm._check_open()
+        if self._released:
+            raise InvalidError(f"ref {self.id} was already released")
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def mounts(self, readonly: bool) -> list[Mount]:
+        """The containerd mounts of the record's snapshot."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def mount(self, readonly: bool = True) -> Iterator[pathlib.Path]:
+        """Mounts the record on a temporary directory, unmounted (and removed) on exit.
+
+        Needs the privilege to mount (root, or CAP_SYS_ADMIN).
+        """
+        mounts = self.mounts(readonly)
+        target = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-mount-"))
+        mounted: list[pathlib.Path] = []
+        try:
+            for m in mounts:
+                _mount_one(m, target)
+                mounted.append(target)
+            yield target
+        finally:
+            for path in reversed(mounted):
+                _unmount(path)
+            target.rmdir()
+
+    def info(self) -> RefInfo:
+        self._check()
+        with self._rec.mu:
+            return self._rec.info()
+
+    @property
+    def description(self) -> str:
+        return self._rec.md.description
+
+    @property
+    def created_at(self) -> datetime | None:
+        return _datetime(self._rec.md.created_at)
+
+    @property
+    def last_used_at(self) -> datetime | None:
+        return _datetime(self._rec.md.last_used_at)
+
+    @property
+    def usage_count(self) -> int:
+        return self._rec.md.usage_count
+
+    @property
+    def record_type(self) -> RecordType:
+        return RecordType(self._rec.md.record_type or RecordType.REGULAR)
+
+    @property
+    def layer_type(self) -> str:
+        return self._rec.md.layer_type
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        return CachePolicy(self._rec.md.cache_policy)
+
+    def _set(self, **values: object) -> None:
+        self._check()
+        with self._rec.mu:
+            for name, value in values.items():
+                setattr(self._rec.md, name, value)
+            self._rec.save()
+
+    def set_description(self, description: str) -> None:
+        self._set(description=description)
+
+    def set_record_type(self, record_type: RecordType) -> None:
+        self._set(record_type=RecordType(record_type).value)
+
+    def set_layer_type(self, layer_type: str) -> None:
+        self._set(layer_type=layer_type)
+
+    def set_cache_policy(self, policy: CachePolicy) -> None:
+        self._set(cache_policy=CachePolicy(policy).value)
+
+    def set_created_at(self, created_at: datetime) -> None:
+        if created_at.tzinfo is None:
+            raise InvalidError("created_at must be timezone-aware")
+        self._set(created_at=int(created_at.timestamp() * 1e9))
+
+    def get_external(self, key: str) -> bytes:
+        """Opaque per-record data stored by a caller; NotFoundError when unset."""
+        self._check()
+        value = self._rec.cm._store.get_external(self.id, key)
+        if value is None:
+            raise NotFoundError(f"no external value {key!r} on record {self.id}")
+        return value
+
+    def set_external(self, key: str, value: bytes) -> None:
+        self._check()
+        self._rec.cm._store.set_external(self.id, key, bytes(value))
+
+
+class ImmutableRef(Ref):
+    """A handle on a committed record."""
+
+    def __enter__(self) -> ImmutableRef:
+        return self
+
+    def release(self) -> None:
+        cm = self._rec.cm
+        with cm._mu, self._rec.mu:
+            self._check()
+            self._released = True
+            self._rec.release_immutable(self)
+
+    def parent(self) -> ImmutableRef | None:
+        """A new handle on the parent record (release it), or None."""
+        self._check()
+        return self._rec.parent_ref(False)
+
+    def clone(self) -> ImmutableRef:
+        """A new handle on the same record."""
+        self._check()
+        with self._rec.mu:
+            return self._rec.ref(False)
+
+    def size(self) -> int:
+        """Bytes used: snapshot usage plus the blob and its compression variants."""
+        self._check()
+        return self._rec.cm._flight.do(f"size-{self.id}", self._rec.compute_size)
+
+    def is_lazy(self) -> bool:
+        """Whether the record's blob is not in the content store (or its snapshot is remote)."""
+        self._check()
+        return self._rec.cm._is_lazy(self._rec)
+
+    def finalize(self) -> None:
+        """Commits the equal mutable snapshot for good; afterwards the mutable id is gone."""
+        self._check()
+        with self._rec.mu:
+            self._rec.finalize()
+
+    def mounts(self, readonly: bool) -> list[Mount]:
+        self._check()
+        with self._rec.mu:
+            return self._rec.mounts(readonly)
+
+
+class MutableRef(Ref):
+    """A handle on a writable record; `commit` passes it into an immutable ref."""
+
+    def __enter__(self) -> MutableRef:
+        return self
+
+    def release(self) -> None:
+        cm = self._rec.cm
+        with cm._mu, self._rec.mu:
+            self._check()
+            self._released = True
+            self._rec.release_mutable(self)
+
+    def commit(self) -> ImmutableRef:
+        """An immutable ref equal to this one; the snapshot is committed at finalize.
+
+        This handle passes into the returned ref: release only that one.
+        """
+        cm = self._rec.cm
+        with cm._mu, self._rec.mu:
+            self._check()
+            return cm._commit(self)
+
+    def mounts(self, readonly: bool) -> list[Mount]:
+        self._check()
+        with self._rec.mu:
+            return self._rec.mounts(readonly)
+
+
+def _mount_one(m: Mount, target: pathlib.Path) -> None:
+    options = [o for o in m.options if o]
+    args = ["mount", "-t", m.type, "-o", ",".join(options), m.source, str(target)]
+    if m.type == "bind":
+        args = ["mount", "-o", ",".join(options), m.source, str(target)]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip()
+        if os.geteuid() != 0:
+            reason = f"mounting needs root or CAP_SYS_ADMIN ({reason})"
+        raise CacheError(f"cannot mount {m.type} {m.source} on {target}: {reason}")
+
+
+def _unmount(target: pathlib.Path) -> None:
+    result = subprocess.run(["umount", str(target)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        # A busy mount is detached now and freed when its last user goes.
+        subprocess.run(["umount", "--lazy", str(target)], capture_output=True, check=False)
