@@ -245,6 +245,14 @@ class Manager:
                     changed.append(twin)
                 self._store.update(*changed)
 
+        for md in rows.values():
+            if md.equal_mutable and md.id in leases:
+                # A finalize stopped before committing the snapshot: the next one makes the
+                # lease again.
+                with contextlib.suppress(NotFoundError):
+                    self._client.leases.delete(md.id)
+                leases.discard(md.id)
+
         for md in list(rows.values()):
             if md.deleted:
                 with contextlib.suppress(NotFoundError):
@@ -340,8 +348,9 @@ class Manager:
         )
         rec = _Record(self, md, mutable=False, parent=mrec.parent_ref(False), mu=mrec.mu)
         rec.equal_mutable = ref
-        ref._released = True
+        ref._released = ref._passed = True
         self._store.insert(md)
+        crash_point("commit.after_insert")
         self._records[md.id] = rec
         immutable = rec.ref(True)
         mrec.equal_immutable = immutable

@@ -323,6 +323,8 @@ class Ref:
         self._rec = rec
         self.trigger_last_used = trigger_last_used
         self._released = False
+        self._passed = False
+        """Set when `commit` passed this mutable handle into an immutable ref."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
@@ -336,7 +338,9 @@ class Ref:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        # A mutable handle that `commit` passed on is released through the immutable ref.
+        if not self._passed:
+            self.release()
 
     @property
     def id(self) -> str:
