@@ -62,8 +62,7 @@ def bench_core(address: str, work: pathlib.Path, cycles: int, rounds: int) -> li
             snap = cm.new().commit()
             snap.finalize()
             snap.release()
-        for future in list(cm._background):  # the finalized mutables' removal
-            future.result()
+        cm._wait_background()  # the finalized mutables' removal
 
     hot = cm.new(cache_policy=CachePolicy.RETAIN).commit()
     hot.finalize()

@@ -6,6 +6,7 @@ The public names are re-exported here; the modules behind them are free to move.
 from __future__ import annotations
 
 from .client.types import Descriptor, Mount
+from .compression import Compression
 from .embedded import EmbeddedContainerd
 from .errors import (
     AlreadyExistsError,
@@ -22,13 +23,16 @@ from .errors import (
 )
 from .manager import Manager
 from .refs import ImmutableRef, MutableRef, Ref
+from .remote import DescHandler, OCILayoutProvider, ProgressEvent, Provider, Remote
 from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
 
 __all__ = [
     "AlreadyExistsError",
     "CacheError",
     "CachePolicy",
+    "Compression",
     "ContainerdError",
+    "DescHandler",
     "Descriptor",
     "EmbeddedContainerd",
     "FailedPreconditionError",
@@ -41,10 +45,14 @@ __all__ = [
     "NeedsRemoteProvidersError",
     "NoBlobsError",
     "NotFoundError",
+    "OCILayoutProvider",
+    "ProgressEvent",
+    "Provider",
     "PrunePolicy",
     "RecordType",
     "Ref",
     "RefInfo",
+    "Remote",
     "UnavailableError",
     "UnimplementedError",
     "UsageInfo",

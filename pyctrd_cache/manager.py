@@ -18,26 +18,30 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Final
 
-from . import filters
+from . import blobs, filters
 from ._faults import crash_point
 from ._singleflight import SingleFlight
-from .client import DEFAULT_ADDRESS, Client, ContentService, SnapshotKind
+from .client import DEFAULT_ADDRESS, Client, ContentService, Descriptor, LeaseResource, SnapshotKind
+from .compression import chain_id, parse_digest
 from .errors import (
     AlreadyExistsError,
     CacheError,
     InvalidError,
     LockedError,
+    NeedsRemoteProvidersError,
     NotFoundError,
 )
 from .metadata import MetadataStore, RecordMeta
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
+from .remote import DescHandlers
 from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
 
+_NO_HANDLERS: Final[DescHandlers] = MappingProxyType({})
 OWNER_LABEL: Final = "pyctrd-cache/manager"
 """On every lease a manager creates; the value is the id of the manager's metadata store."""
 KIND_LABEL: Final = "pyctrd-cache/kind"
@@ -199,6 +203,11 @@ class Manager:
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
+    def _wait_background(self) -> None:
+        """Waits for the removals already scheduled (finalized mutables)."""
+        for future in list(self._background):
+            future.result()
+
     def _is_lazy(self, rec: _Record) -> bool:
         if not rec.md.blob_only or not rec.md.blob:
             return False
@@ -308,26 +317,42 @@ class Manager:
             raise NotFoundError(f"no record {record_id}")
         if md.equal_mutable:
             mutable = self._get_record(md.equal_mutable)
-            rec = _Record(self, md, mutable=False, parent=mutable.parent_ref(False), mu=mutable.mu)
-            rec.equal_mutable = MutableRef(mutable, False)
-            mutable.equal_immutable = ImmutableRef(rec, False)
+            dhs = mutable.parent.desc_handlers if mutable.parent else _NO_HANDLERS
+            parent = mutable.parent_ref(False, dhs)
+            rec = _Record(self, md, mutable=False, parent=parent, mu=mutable.mu)
+            rec.equal_mutable = MutableRef(mutable, False, dhs)
+            mutable.equal_immutable = ImmutableRef(rec, False, dhs)
             self._records[record_id] = rec
             return rec
-        parent = self._get(md.parent, trigger_last_used=False) if md.parent else None
+        parent = (
+            self._get(md.parent, trigger_last_used=False, dhs=_NO_HANDLERS) if md.parent else None
+        )
         rec = _Record(self, md, mutable=not md.committed, parent=parent)
         self._records[record_id] = rec
         return rec
 
-    def _get(self, record_id: str, *, trigger_last_used: bool) -> ImmutableRef:
+    def _get(self, record_id: str, *, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef:
         rec = self._get_record(record_id)
         with rec.mu:
             if rec.mutable:
                 if rec.refs:
                     raise LockedError(f"record {record_id} is locked")
                 if rec.equal_immutable is not None:
-                    return rec.equal_immutable._rec.ref(trigger_last_used)
-                return self._commit(rec.mref(trigger_last_used))
-            return rec.ref(trigger_last_used)
+                    return rec.equal_immutable._rec.ref(trigger_last_used, dhs)
+                return self._commit(rec.mref(trigger_last_used, dhs))
+            return rec.ref(trigger_last_used, dhs)
+
+    def _check_providers(self, ref: ImmutableRef) -> None:
+        """`NeedsRemoteProvidersError` unless every lazy blob of the chain has a handler.
+
+        The manager lock is held; on error the ref is released.
+        """
+        missing = blobs.missing_providers(blobs.chain_of(ref), ref.desc_handlers)
+        if missing:
+            with ref._rec.mu:
+                ref._released = True
+                ref._rec.release_immutable(ref)
+            raise NeedsRemoteProvidersError(missing)
 
     def _commit(self, ref: MutableRef) -> ImmutableRef:
         """The lazy commit: a new immutable record whose data is the mutable's snapshot.
@@ -346,13 +371,14 @@ class Manager:
             description=mrec.md.description,
             created_at=now_ns(),
         )
-        rec = _Record(self, md, mutable=False, parent=mrec.parent_ref(False), mu=mrec.mu)
+        dhs = ref.desc_handlers
+        rec = _Record(self, md, mutable=False, parent=mrec.parent_ref(False, dhs), mu=mrec.mu)
         rec.equal_mutable = ref
         ref._released = ref._passed = True
         self._store.insert(md)
         crash_point("commit.after_insert")
         self._records[md.id] = rec
-        immutable = rec.ref(True)
+        immutable = rec.ref(True, dhs)
         mrec.equal_immutable = immutable
         return immutable
 
@@ -366,19 +392,25 @@ class Manager:
         description: str | None = None,
         record_type: RecordType | None = None,
         created_at: datetime | None = None,
+        desc_handlers: DescHandlers | None = None,
     ) -> MutableRef:
-        """A new writable snapshot on top of `parent` (a finalized copy of it)."""
+        """A new writable snapshot on top of `parent`, whose lazy chain is extracted first."""
         self._check_open()
         record_id = _new_id()
         parent_ref: ImmutableRef | None = None
+        dhs: DescHandlers = _NO_HANDLERS
         if parent is not None:
             if parent._rec.cm is not self:
                 raise InvalidError(f"ref {parent.id} belongs to another manager")
-            parent_ref = parent.clone()
+            dhs = {**parent.desc_handlers, **(desc_handlers or {})}
+            with self._mu:
+                parent_ref = self._get(parent.id, trigger_last_used=False, dhs=dhs)
+                self._check_providers(parent_ref)
         try:
             parent_snapshot = ""
             if parent_ref is not None:
                 parent_ref.finalize()
+                parent_ref.extract()
                 parent_snapshot = parent_ref._rec.md.snapshot_id
             leased = self._create_lease(record_id, "record")
             crash_point("new.after_lease")
@@ -403,18 +435,166 @@ class Manager:
                 self._store.insert(md)
                 rec = _Record(self, md, mutable=True, parent=parent_ref)
                 self._records[record_id] = rec
-                return rec.mref(True)
+                return rec.mref(True, dhs)
         except BaseException:
             if parent_ref is not None:
                 parent_ref.release()
             raise
 
-    def get(self, record_id: str, *, update_last_used: bool = True) -> ImmutableRef:
+    def get(
+        self,
+        record_id: str,
+        *,
+        update_last_used: bool = True,
+        desc_handlers: DescHandlers | None = None,
+    ) -> ImmutableRef:
         """An immutable ref on the record; a mutable record with no open handle is committed
-        (lazily) first."""
+        (lazily) first. `NeedsRemoteProvidersError` when a lazy blob of the chain has no
+        handler in `desc_handlers`."""
         with self._mu:
             self._check_open()
-            return self._get(record_id, trigger_last_used=update_last_used)
+            ref = self._get(
+                record_id, trigger_last_used=update_last_used, dhs=desc_handlers or _NO_HANDLERS
+            )
+            self._check_providers(ref)
+            return ref
+
+    def get_by_blob(
+        self,
+        desc: Descriptor,
+        parent: ImmutableRef | None = None,
+        *,
+        desc_handlers: DescHandlers | None = None,
+        image_ref: str | None = None,
+        description: str | None = None,
+        cache_policy: CachePolicy = CachePolicy.DEFAULT,
+    ) -> ImmutableRef:
+        """A record for the layer blob `desc` on `parent`.
+
+        Reuses a record with the same blob chain; else shares the snapshot of a record with
+        the same chain; else makes a lazy record whose snapshot (named by the chain id) is
+        made at extraction. The blob needs no handler when it is in the content store.
+        """
+        self._check_open()
+        diff_id = blobs.diff_id_of(desc)
+        parse_digest(desc.digest)
+        blobs.compression_of(desc.media_type)
+        dhs: DescHandlers = {**(parent.desc_handlers if parent else {}), **(desc_handlers or {})}
+        if desc.digest not in dhs:
+            try:
+                self._client.content.info(desc.digest)
+            except NotFoundError:
+                raise NeedsRemoteProvidersError([desc.digest]) from None
+        chain = diff_id
+        blob_chain = chain_id(desc.digest, diff_id)
+        parent_ref: ImmutableRef | None = None
+        if parent is not None:
+            if parent._rec.cm is not self:
+                raise InvalidError(f"ref {parent.id} belongs to another manager")
+            parent_ref = self.get(parent.id, update_last_used=False, desc_handlers=dhs)
+        try:
+            if parent_ref is not None:
+                pmd = parent_ref._rec.md
+                if not pmd.chain_id or not pmd.blob_chain_id:
+                    raise InvalidError(
+                        f"cannot get a record by blob on {parent_ref.id}, which has no chain ids"
+                    )
+                chain = chain_id(pmd.chain_id, chain)
+                blob_chain = chain_id(pmd.blob_chain_id, blob_chain)
+                parent_ref.finalize()
+            with self._mu:
+                self._check_open()
+                for record_id in self._store.search_blob_chain(blob_chain):
+                    try:
+                        ref = self._get(record_id, trigger_last_used=True, dhs=dhs)
+                    except NotFoundError:
+                        continue
+                    if parent_ref is not None:
+                        with parent_ref._rec.mu:
+                            parent_ref._released = True
+                            parent_ref._rec.release_immutable(parent_ref)
+                    self._add_image_ref(ref._rec, image_ref)
+                    return ref
+                return self._new_blob_record(
+                    desc,
+                    parent_ref,
+                    dhs,
+                    diff_id,
+                    chain,
+                    blob_chain,
+                    image_ref=image_ref,
+                    description=description,
+                    cache_policy=cache_policy,
+                )
+        except BaseException:
+            if parent_ref is not None and not parent_ref._released:
+                parent_ref.release()
+            raise
+
+    def _add_image_ref(self, rec: _Record, image_ref: str | None) -> None:
+        if image_ref:
+            with rec.mu:
+                if image_ref not in rec.md.image_refs:
+                    rec.md.image_refs.append(image_ref)
+                    rec.save()
+
+    def _new_blob_record(
+        self,
+        desc: Descriptor,
+        parent_ref: ImmutableRef | None,
+        dhs: DescHandlers,
+        diff_id: str,
+        chain: str,
+        blob_chain: str,
+        *,
+        image_ref: str | None,
+        description: str | None,
+        cache_policy: CachePolicy,
+    ) -> ImmutableRef:
+        """A new record for a blob; the manager lock is held."""
+        snapshot_id, blob_only = chain, True
+        for record_id in self._store.search_chain(chain):
+            try:
+                link = self._get(record_id, trigger_last_used=False, dhs=dhs)
+            except (NotFoundError, NeedsRemoteProvidersError):
+                continue
+            with link._rec.mu:
+                snapshot_id, blob_only = link._rec.md.snapshot_id, link._rec.md.blob_only
+                link._released = True
+                link._rec.release_immutable(link)
+            break
+        record_id = _new_id()
+        self._create_lease(record_id, "record")
+        try:
+            self._client.leases.add_resource(
+                record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
+            )
+            self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
+            md = RecordMeta(
+                record_id,
+                committed=True,
+                parent=parent_ref.id if parent_ref else "",
+                snapshot_id=snapshot_id,
+                cache_policy=CachePolicy(cache_policy).value,
+                description=description or "",
+                created_at=now_ns(),
+                diff_id=diff_id,
+                chain_id=chain,
+                blob_chain_id=blob_chain,
+                blob=desc.digest,
+                blob_only=blob_only,
+                media_type=desc.media_type,
+                blob_size=desc.size,
+                image_refs=[image_ref] if image_ref else [],
+            )
+            self._store.insert(md)
+        except BaseException:
+            with contextlib.suppress(CacheError):
+                self._client.leases.delete(record_id)
+            raise
+        rec = _Record(self, md, mutable=False, parent=parent_ref)
+        self._records[record_id] = rec
+        return rec.ref(True, dhs)
 
     def get_mutable(self, record_id: str) -> MutableRef:
         """The mutable record again; `LockedError` while any ref of it or of its equal
@@ -433,7 +613,7 @@ class Manager:
                         raise LockedError(f"record {record_id} is locked")
                     twin._rec.remove(remove_snapshot=False)
                     rec.equal_immutable = None
-                return rec.mref(True)
+                return rec.mref(True, _NO_HANDLERS)
 
     @contextlib.contextmanager
     def lease(self, *, expire: timedelta | None = None) -> Iterator[str]:
@@ -480,9 +660,13 @@ class Manager:
     def _usage_entries(self) -> dict[str, _UsageEntry]:
         """The records a usage report shows, with in-use counted through children."""
         entries: dict[str, _UsageEntry] = {}
+        # Handles that records being removed still hold on their parents.
+        leaving: list[str] = []
         with self._mu:
             for rec in list(self._records.values()):
                 with rec.mu:
+                    if rec.is_dead() and rec.parent is not None and not rec.removed:
+                        leaving.append(rec.parent.id)
                     if _shares_data_with_listed_twin(rec) or rec.is_dead():
                         continue
                     entries[rec.id] = _UsageEntry(
@@ -491,13 +675,16 @@ class Manager:
                         refs=len(rec.refs),
                         double_ref=rec.equal_immutable is not None,
                     )
+        for leaving_parent in leaving:
+            if leaving_parent in entries:
+                entries[leaving_parent].refs -= 1
         # A child's handle on its parent counts as a use of the parent only while the child
         # itself is used.
         rescan = set(entries)
         while rescan:
             entry = entries[rescan.pop()]
             parent_id = entry.info.parent_id
-            if entry.refs == 0 and parent_id in entries:
+            if entry.refs == 0 and parent_id is not None and parent_id in entries:
                 parent = entries[parent_id]
                 parent.refs -= 2 if entry.double_ref else 1
                 rescan.add(parent_id)
@@ -538,6 +725,7 @@ class Manager:
                 on_removed(info)
 
         with self._prune_mu:
+            self._wait_background()
             for policy in policies or (PrunePolicy(),):
                 self._prune_once(policy, report)
             if removed:

@@ -19,20 +19,22 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, BinaryIO
 
+from . import blobs
 from ._faults import crash_point
-from .client import Mount
+from .client import Descriptor, Mount
+from .compression import Compression
 from .errors import CacheError, InvalidError, NotFoundError
 from .metadata import RecordMeta
+from .mounts import readonly_mounts
+from .remote import DescHandlers, Remote
 from .types import CachePolicy, RecordType, RefInfo
 
 if TYPE_CHECKING:
     from .manager import Manager
 
-__all__ = ["ImmutableRef", "MutableRef", "Ref", "readonly_mounts"]
-
-COMPRESSION_VARIANT_DIGEST_PREFIX: Final = "buildkit.io/compression/digest."
+__all__ = ["ImmutableRef", "MutableRef", "Ref"]
 
 
 def now_ns() -> int:
@@ -41,31 +43,6 @@ def now_ns() -> int:
 
 def _datetime(ns: int | None) -> datetime | None:
     return None if ns is None else datetime.fromtimestamp(ns / 1e9, tz=UTC)
-
-
-def readonly_mounts(mounts: list[Mount]) -> list[Mount]:
-    """The same mounts, read-only: an overlay's upperdir moves to the front of its lowerdir
-    and its workdir goes; any other mount gets `ro` instead of `rw`."""
-    out = []
-    for m in mounts:
-        if m.type == "overlay":
-            out.append(Mount(m.type, m.source, _readonly_overlay(m.options), m.target))
-        else:
-            options = (*(o for o in m.options if o not in ("rw", "ro")), "ro")
-            out.append(Mount(m.type, m.source, options, m.target))
-    return out
-
-
-def _readonly_overlay(options: tuple[str, ...]) -> tuple[str, ...]:
-    upper = next((o.removeprefix("upperdir=") for o in options if o.startswith("upperdir=")), "")
-    out = []
-    for o in options:
-        if o.startswith(("upperdir=", "workdir=")):
-            continue
-        if upper and o.startswith("lowerdir="):
-            o = f"lowerdir={upper}:{o.removeprefix('lowerdir=')}"
-        out.append(o)
-    return tuple(out)
 
 
 class _Record:
@@ -98,23 +75,23 @@ class _Record:
     def id(self) -> str:
         return self.md.id
 
-    def ref(self, trigger_last_used: bool) -> ImmutableRef:
-        ref = ImmutableRef(self, trigger_last_used)
+    def ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef:
+        ref = ImmutableRef(self, trigger_last_used, dhs)
         self.refs.add(ref)
         return ref
 
-    def mref(self, trigger_last_used: bool) -> MutableRef:
-        ref = MutableRef(self, trigger_last_used)
+    def mref(self, trigger_last_used: bool, dhs: DescHandlers) -> MutableRef:
+        ref = MutableRef(self, trigger_last_used, dhs)
         self.refs.add(ref)
         return ref
 
-    def parent_ref(self, trigger_last_used: bool) -> ImmutableRef | None:
+    def parent_ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef | None:
         """A new handle on the parent (takes the parent's lock)."""
         if self.parent is None:
             return None
         prec = self.parent._rec
         with prec.mu:
-            return prec.ref(trigger_last_used)
+            return prec.ref(trigger_last_used, dhs)
 
     def is_dead(self) -> bool:
         return (
@@ -310,7 +287,7 @@ class _Record:
         total = info.size
         for key, value in info.labels.items():
             # A variant label that points at the blob itself is not counted twice.
-            if key.startswith(COMPRESSION_VARIANT_DIGEST_PREFIX) and value != blob:
+            if key.startswith(blobs.VARIANT_DIGEST_PREFIX) and value != blob:
                 with contextlib.suppress(CacheError):
                     total += content.info(value).size
         return total
@@ -319,9 +296,11 @@ class _Record:
 class Ref:
     """A counted handle on a cache record; release every ref exactly once."""
 
-    def __init__(self, rec: _Record, trigger_last_used: bool) -> None:
+    def __init__(self, rec: _Record, trigger_last_used: bool, dhs: DescHandlers) -> None:
         self._rec = rec
         self.trigger_last_used = trigger_last_used
+        self.desc_handlers = dhs
+        """The handlers of the chain's lazy blobs, by digest."""
         self._released = False
         self._passed = False
         """Set when `commit` passed this mutable handle into an immutable ref."""
@@ -463,13 +442,13 @@ class ImmutableRef(Ref):
     def parent(self) -> ImmutableRef | None:
         """A new handle on the parent record (release it), or None."""
         self._check()
-        return self._rec.parent_ref(False)
+        return self._rec.parent_ref(False, self.desc_handlers)
 
     def clone(self) -> ImmutableRef:
         """A new handle on the same record."""
         self._check()
         with self._rec.mu:
-            return self._rec.ref(False)
+            return self._rec.ref(False, self.desc_handlers)
 
     def size(self) -> int:
         """Bytes used: snapshot usage plus the blob and its compression variants."""
@@ -488,9 +467,42 @@ class ImmutableRef(Ref):
             self._rec.finalize()
 
     def mounts(self, readonly: bool) -> list[Mount]:
+        """The record's mounts; a lazy chain is extracted first."""
         self._check()
+        blobs.extract(self)
         with self._rec.mu:
             return self._rec.mounts(readonly)
+
+    def extract(self) -> None:
+        """Makes the snapshot exist, pulling and applying the chain's lazy blobs."""
+        self._check()
+        blobs.extract(self)
+
+    def set_blob(self, desc: Descriptor) -> None:
+        """Associates a blob already in the content store with the record (its compression
+        from the media type) and computes the chain ids; nothing changes when the record
+        already has a blob."""
+        self._check()
+        blobs.set_blob(self._rec, desc)
+        blobs.set_chains(self._rec)
+
+    def get_remote(
+        self,
+        *,
+        create_if_needed: bool = True,
+        compression: Compression = Compression.GZIP,
+        force_compression: bool = False,
+    ) -> Remote:
+        """The descriptors of the whole chain, parent first, creating blobs through
+        containerd's diff service when needed (`NoBlobsError` without `create_if_needed`)
+        and converting to `compression` when forced."""
+        self._check()
+        return blobs.get_remote(
+            self,
+            create_if_needed=create_if_needed,
+            compression=Compression(compression),
+            force_compression=force_compression,
+        )
 
 
 class MutableRef(Ref):
@@ -520,6 +532,12 @@ class MutableRef(Ref):
         self._check()
         with self._rec.mu:
             return self._rec.mounts(readonly)
+
+    def apply(self, layer: bytes | BinaryIO | Descriptor, *, media_type: str | None = None) -> None:
+        """Writes a layer tar (plain, gzip or zstd; bytes, a binary file, or a descriptor of
+        a blob in the content store) into the snapshot through containerd's diff service."""
+        self._check()
+        blobs.apply_layer(self, layer, media_type)
 
 
 def _mount_one(m: Mount, target: pathlib.Path) -> None:

@@ -6,10 +6,12 @@ import gzip
 import hashlib
 import io
 import tarfile
+from typing import BinaryIO
 
 import zstandard
 
 from pyctrd_cache.client import Descriptor
+from pyctrd_cache.errors import NotFoundError
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
 TAR_GZIP = TAR + "+gzip"
@@ -52,5 +54,38 @@ def compress(tar: bytes, media_type: str) -> bytes:
     return tar
 
 
-def descriptor(blob: bytes, media_type: str) -> Descriptor:
-    return Descriptor(media_type=media_type, digest=digest_of(blob), size=len(blob))
+def descriptor(blob: bytes, media_type: str, diff_id: str | None = None) -> Descriptor:
+    annotations = {"containerd.io/uncompressed": diff_id} if diff_id else {}
+    return Descriptor(media_type, digest_of(blob), len(blob), annotations)
+
+
+def layer(files: dict[str, bytes], media_type: str = TAR_GZIP) -> tuple[bytes, Descriptor]:
+    """A layer blob of `files` and its descriptor, diff id annotated."""
+    tar = make_tar(files)
+    blob = compress(tar, media_type)
+    return blob, descriptor(blob, media_type, digest_of(tar))
+
+
+def decompress(blob: bytes) -> bytes:
+    if blob[:2] == b"\x1f\x8b":
+        return gzip.decompress(blob)
+    if blob[:4] == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    return blob
+
+
+class BytesProvider:
+    """A provider over blobs held in memory; counts how often each was opened."""
+
+    def __init__(self, *blobs: bytes) -> None:
+        self.blobs = {digest_of(b): b for b in blobs}
+        self.opened: dict[str, int] = {}
+
+    def add(self, blob: bytes) -> None:
+        self.blobs[digest_of(blob)] = blob
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        if desc.digest not in self.blobs:
+            raise NotFoundError(f"no blob {desc.digest}")
+        self.opened[desc.digest] = self.opened.get(desc.digest, 0) + 1
+        return io.BytesIO(self.blobs[desc.digest])

@@ -13,27 +13,14 @@ from pyctrd_cache import (
     CachePolicy,
     InvalidError,
     LockedError,
-    Manager,
     NotFoundError,
     RecordType,
 )
 from pyctrd_cache.client import Client, SnapshotKind
 from pyctrd_cache.manager import OWNER_LABEL
-from pyctrd_cache.refs import readonly_mounts
+from pyctrd_cache.mounts import readonly_mounts
+from tests.checks import check_disk_usage, owned_leases, snapshot_names
 from tests.fix_containerd import SNAPSHOTTER, Managers
-
-
-def check_disk_usage(cm: Manager, in_use: int, unused: int) -> None:
-    du = cm.disk_usage()
-    assert (sum(u.in_use for u in du), sum(not u.in_use for u in du)) == (in_use, unused), du
-
-
-def snapshot_names(client: Client) -> list[str]:
-    return sorted(s.name for s in client.snapshots(SNAPSHOTTER).list())
-
-
-def owned_leases(client: Client, cm: Manager) -> list[str]:
-    return sorted(x.id for x in client.leases.list(f'labels."{OWNER_LABEL}"=={cm.manager_id}'))
 
 
 def test_manager(managers: Managers, client: Client) -> None:

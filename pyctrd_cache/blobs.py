@@ -1,0 +1,696 @@
+"""Blobs of records: lazy pulls, extraction, blob chains, remotes and compression variants
+(BuildKit's cache/blobs.go, remote.go, converter.go and the blob half of refs.go).
+
+Work that writes to containerd runs under a temporary lease until what it made is held by a
+record's own lease: a blob or snapshot is added to the record's lease before anything that
+depends on it is recorded, so the collector never takes something a record still needs.
+Every variant a record has is a resource of the record's (flat) lease, and is also linked
+from the original blob with a `containerd.io/gc.ref.content` label for holders whose leases
+are not flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
+
+from .client import Client, Descriptor, LeaseResource
+from .compression import (
+    OCI_LAYER,
+    Compression,
+    chain_id,
+    compressed_chunks,
+    decompressed_chunks,
+    detect,
+    from_media_type,
+    media_type_for,
+    needs_conversion,
+    parse_digest,
+)
+from .errors import (
+    AlreadyExistsError,
+    CacheError,
+    InvalidError,
+    NeedsRemoteProvidersError,
+    NoBlobsError,
+    NotFoundError,
+    UnavailableError,
+    UnimplementedError,
+)
+from .mounts import readonly_mounts
+from .remote import DescHandler, DescHandlers, ProgressEvent, Remote
+
+if TYPE_CHECKING:
+    from .manager import Manager
+    from .refs import ImmutableRef, MutableRef, _Record
+
+UNCOMPRESSED_LABEL: Final = "containerd.io/uncompressed"
+VARIANT_DIGEST_PREFIX: Final = "buildkit.io/compression/digest."
+VARIANT_ANNOTATION_PREFIX: Final = "buildkit.io/compression/annotation."
+VARIANT_MEDIA_TYPE_LABEL: Final = "buildkit.io/compression/mediatype"
+VARIANT_GC_REF_PREFIX: Final = "containerd.io/gc.ref.content.buildkit.compression."
+CREATED_AT_ANNOTATION: Final = "buildkit/createdat"
+DISTRIBUTION_SOURCE_PREFIX: Final = "containerd.io/distribution.source."
+ESTARGZ_ANNOTATIONS: Final = (
+    "containerd.io/snapshot/stargz/toc.digest",
+    "io.containers.estargz.uncompressed-size",
+)
+_CHUNK: Final = 1 << 20
+
+T = TypeVar("T")
+
+
+def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
+    """Runs each function in a thread of its own and returns their results in order; the
+    first error is raised after all have finished.
+
+    Threads of their own, not a shared pool: these calls nest (a chain's extraction runs
+    inside a remote's computation), and a bounded pool would deadlock on itself.
+    """
+    if len(fns) == 1:
+        return [fns[0]()]
+    results: list[T | None] = [None] * len(fns)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
+
+
+def diff_id_of(desc: Descriptor) -> str:
+    """The layer's uncompressed digest from its `containerd.io/uncompressed` annotation."""
+    value = desc.annotations.get(UNCOMPRESSED_LABEL)
+    if value is None:
+        raise InvalidError(f"missing {UNCOMPRESSED_LABEL} annotation for {desc.digest}")
+    return parse_digest(value, what=f"diff id of {desc.digest}")
+
+
+def filter_annotations_for_save(annotations: Mapping[str, str]) -> dict[str, str]:
+    """The annotations BuildKit keeps across restarts: eStargz's and the diff id."""
+    keep = (*ESTARGZ_ANNOTATIONS, UNCOMPRESSED_LABEL)
+    return {k: v for k, v in annotations.items() if k in keep}
+
+
+def variant_label(compression: Compression) -> str:
+    return VARIANT_DIGEST_PREFIX + compression.value
+
+
+def compression_of(media_type: str) -> Compression:
+    """The compression of a layer media type; `InvalidError` for an unknown one."""
+    compression = from_media_type(media_type)
+    if compression is None:
+        raise InvalidError(f"unhandled layer media type {media_type!r}")
+    return compression
+
+
+def _notify(dh: DescHandler | None, event: ProgressEvent) -> None:
+    if dh is not None and dh.progress is not None:
+        dh.progress(event)
+
+
+@contextlib.contextmanager
+def temporary_lease(cm: Manager) -> Iterator[Client]:
+    """A client whose calls attach to a new lease of this manager, deleted on exit."""
+    lease_id = f"temp-{cm.new_id()}"
+    leased = cm._create_lease(lease_id, "temp")
+    try:
+        yield leased
+    finally:
+        with contextlib.suppress(NotFoundError, UnavailableError):
+            cm._client.leases.delete(lease_id)
+
+
+# Blob metadata in the content store.
+
+
+def blob_desc(cm: Manager, digest: str) -> Descriptor:
+    """A blob's descriptor as its labels record it; `NotFoundError` when there is no such
+    blob or it carries no media type label."""
+    info = cm._client.content.info(digest)
+    media_type = info.labels.get(VARIANT_MEDIA_TYPE_LABEL)
+    if media_type is None:
+        raise NotFoundError(f"no media type is stored for {digest}")
+    annotations = {
+        k.removeprefix(VARIANT_ANNOTATION_PREFIX): v
+        for k, v in info.labels.items()
+        if k.startswith(VARIANT_ANNOTATION_PREFIX)
+    }
+    return Descriptor(media_type, info.digest, info.size, annotations)
+
+
+def oci_desc(rec: _Record, dhs: DescHandlers) -> Descriptor:
+    """The descriptor of the record's blob, with the annotations stored with the blob (or
+    given by its handler), the diff id and the creation time."""
+    md = rec.md
+    annotations: dict[str, str] = {}
+    try:
+        annotations.update(blob_desc(rec.cm, md.blob).annotations)
+    except NotFoundError:
+        dh = dhs.get(md.blob)
+        if dh is not None:
+            annotations.update(filter_annotations_for_save(dh.annotations))
+    if md.diff_id:
+        annotations[UNCOMPRESSED_LABEL] = md.diff_id
+    if md.created_at is not None:
+        created = datetime.fromtimestamp(md.created_at / 1e9, tz=UTC)
+        annotations[CREATED_AT_ANNOTATION] = created.isoformat().replace("+00:00", "Z")
+    return Descriptor(md.media_type, md.blob, md.blob_size or 0, annotations)
+
+
+def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compression) -> None:
+    """Records `desc` as the `compression` variant of the record's blob: held by the
+    record's lease first, then labelled on both blobs so that it is found after a restart."""
+    client = rec.cm._client
+    client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
+    labels = {variant_label(compression): desc.digest}
+    if desc.digest != rec.md.blob:
+        labels[VARIANT_GC_REF_PREFIX + compression.value] = desc.digest
+    client.content.update_labels(rec.md.blob, labels)
+    variant = {VARIANT_MEDIA_TYPE_LABEL: desc.media_type}
+    for key, value in filter_annotations_for_save(desc.annotations).items():
+        variant[VARIANT_ANNOTATION_PREFIX + key] = value
+    client.content.update_labels(desc.digest, variant)
+
+
+def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
+    """The record's `compression` variant, found through the labels.
+
+    The variant is added to the record's lease before it is trusted, and checked to exist
+    after that, so a collection between the look-up and the use cannot take it
+    (moby/buildkit#2346). `NotFoundError` when there is none.
+    """
+    client = rec.cm._client
+    digest = client.content.info(rec.md.blob).labels.get(variant_label(compression))
+    if digest is None:
+        raise NotFoundError(f"no {compression.value} variant of {rec.md.blob}")
+    client.leases.add_resource(rec.id, LeaseResource.content(digest))
+    try:
+        return blob_desc(rec.cm, digest)
+    except NotFoundError:
+        client.leases.delete_resource(rec.id, LeaseResource.content(digest))
+        raise
+
+
+# Blobs and chain ids of records.
+
+
+def set_blob(rec: _Record, desc: Descriptor) -> None:
+    """Associates a blob already in the content store with the record (once)."""
+    diff_id = diff_id_of(desc)
+    parse_digest(desc.digest)
+    compression = compression_of(desc.media_type)
+    rec.cm._client.content.info(desc.digest)
+    with rec.mu:
+        if rec.md.blob:
+            return
+        rec.finalize()
+        rec.cm._client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
+        rec.md.diff_id = diff_id
+        rec.md.blob = desc.digest
+        rec.md.media_type = desc.media_type
+        rec.md.blob_size = desc.size
+        rec.save()
+    add_compression_blob(rec, desc, compression)
+
+
+def set_chains(rec: _Record) -> None:
+    """Computes the chain id and blob chain id of a record whose parent has them."""
+    with rec.mu:
+        md = rec.md
+        if md.chain_id:
+            return
+        if not md.blob:
+            raise NoBlobsError(f"record {rec.id} has no blob")
+        layer_blob_chain = chain_id(md.blob, md.diff_id)
+        if rec.parent is None:
+            md.chain_id, md.blob_chain_id = md.diff_id, layer_blob_chain
+        else:
+            parent = rec.parent._rec.md
+            if not parent.chain_id or not parent.blob_chain_id:
+                raise InvalidError(f"parent {parent.id} of {rec.id} has no chain ids")
+            md.chain_id = chain_id(parent.chain_id, md.diff_id)
+            md.blob_chain_id = chain_id(parent.blob_chain_id, layer_blob_chain)
+        rec.save()
+
+
+def chain_of(ref: ImmutableRef) -> list[_Record]:
+    """The records of the ref's chain, parent first."""
+    recs = []
+    rec: _Record | None = ref._rec
+    while rec is not None:
+        recs.append(rec)
+        rec = rec.parent._rec if rec.parent is not None else None
+    return recs[::-1]
+
+
+def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
+    """The lazy blobs of `recs` that have no handler."""
+    cm = recs[0].cm if recs else None
+    return [r.md.blob for r in recs if cm is not None and r.md.blob not in dhs and cm._is_lazy(r)]
+
+
+# Pulling lazy blobs.
+
+
+class _CountingReader(io.RawIOBase):
+    """Reads a provider's stream, reporting progress and refusing more than `size` bytes."""
+
+    def __init__(self, stream: BinaryIO, desc: Descriptor, dh: DescHandler | None) -> None:
+        super().__init__()
+        self._stream = stream
+        self._desc = desc
+        self._dh = dh
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._stream.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        if self.count > self._desc.size:
+            raise InvalidError(
+                f"provider sent more than the {self._desc.size} bytes of {self._desc.digest}"
+            )
+        if n:
+            _notify(
+                self._dh, ProgressEvent("bytes", self._desc.digest, self.count, self._desc.size)
+            )
+        return n
+
+
+def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
+    """Copies a lazy blob from its provider into the content store, under the record's lease.
+
+    Concurrent calls for one digest share one copy; containerd's commit checks size and
+    digest, and nothing is left committed when they do not match.
+    """
+    cm = rec.cm
+    cm._flight.do(f"unlazy-{desc.digest}", lambda: _unlazy(rec, desc, dh))
+
+
+def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
+    cm = rec.cm
+    if not cm._is_lazy(rec):
+        return
+    if dh is None:
+        raise NeedsRemoteProvidersError([desc.digest])
+    ingest = f"unlazy-{desc.digest}"
+    content = cm._client.with_lease(rec.id).content
+    _notify(dh, ProgressEvent("start", desc.digest, 0, desc.size))
+    try:
+        try:
+            stream = dh.provider.open(desc)
+        except CacheError:
+            raise
+        except Exception as err:
+            raise CacheError(f"provider of {desc.digest} failed: {err}") from err
+        with stream, _CountingReader(stream, desc, dh) as counted:
+            try:
+                content.write(ingest, counted, expected=desc.digest, size=desc.size)  # type: ignore[arg-type]
+            except (CacheError, OSError) as err:
+                if not isinstance(err, UnavailableError):
+                    with contextlib.suppress(CacheError):
+                        cm._client.content.abort(ingest)
+                if isinstance(err, CacheError):
+                    raise
+                raise CacheError(f"provider of {desc.digest} failed: {err}") from err
+    except BaseException as err:
+        _notify(dh, ProgressEvent("end", desc.digest, 0, desc.size, error=err))
+        raise
+    _notify(dh, ProgressEvent("end", desc.digest, desc.size, desc.size))
+    with rec.mu:
+        if rec.md.image_refs and not rec.md.description:
+            rec.md.description = f"pulled from {rec.md.image_refs[0]}"
+            rec.save()
+    add_compression_blob(rec, desc, compression_of(desc.media_type))
+
+
+# Extraction.
+
+
+def extract(ref: ImmutableRef) -> None:
+    """Makes the snapshots of the ref's whole chain exist: every lazy blob is pulled
+    concurrently, and each layer is applied as soon as its parent is ready and its own blob
+    is here."""
+    if not ref._rec.md.blob_only:
+        return
+    cm = ref._rec.cm
+    dhs = ref.desc_handlers
+    todo = [r for r in chain_of(ref) if r.md.blob_only]
+    with temporary_lease(cm) as leased:
+        pulls: list[threading.Thread] = []
+        errors: dict[str, BaseException] = {}
+        done: dict[str, threading.Event] = {}
+
+        def pull(r: _Record) -> None:
+            try:
+                unlazy(r, oci_desc(r, dhs), dhs.get(r.md.blob))
+            except BaseException as err:
+                errors[r.id] = err
+            finally:
+                done[r.id].set()
+
+        for r in todo:
+            done[r.id] = threading.Event()
+            t = threading.Thread(target=pull, args=(r,), daemon=True)
+            t.start()
+            pulls.append(t)
+        try:
+            for r in todo:
+                done[r.id].wait()
+                if r.id in errors:
+                    raise errors[r.id]
+                cm._flight.do(f"extract-{r.id}", lambda r=r: _apply_layer(r, dhs, leased))  # type: ignore[misc]
+        finally:
+            for t in pulls:
+                t.join()
+
+
+def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
+    cm = rec.cm
+    sn = leased.snapshots(cm.snapshotter)
+    with contextlib.suppress(NotFoundError):
+        sn.stat(rec.md.snapshot_id)
+        return
+    desc = oci_desc(rec, dhs)
+    dh = dhs.get(desc.digest)
+    _notify(dh, ProgressEvent("status", desc.digest, message=f"extracting {desc.digest}"))
+    key = f"extract-{cm.new_id()} {rec.md.chain_id}"
+    parent = rec.parent._rec.md.snapshot_id if rec.parent is not None else ""
+    mounts = sn.prepare(key, parent)
+    try:
+        applied = leased.diff.apply(desc, mounts)
+        if applied.digest != rec.md.diff_id:
+            raise InvalidError(
+                f"layer {desc.digest} unpacks to {applied.digest}, not to its diff id "
+                f"{rec.md.diff_id}"
+            )
+        try:
+            sn.commit(rec.md.snapshot_id, key)
+        except AlreadyExistsError:
+            sn.remove(key)
+    except BaseException:
+        with contextlib.suppress(CacheError):
+            sn.remove(key)
+        raise
+    with rec.mu:
+        rec.md.blob_only = False
+        rec.md.size = None
+        rec.save()
+
+
+# Creating blobs and remotes.
+
+
+def get_remote(
+    ref: ImmutableRef,
+    *,
+    create_if_needed: bool,
+    compression: Compression,
+    force_compression: bool,
+) -> Remote:
+    """The descriptors of the ref's chain, parent first, creating missing blobs through
+    containerd's diff service and converting to `compression` when forced."""
+    media_type_for(compression)  # refuses the compressions not supported yet
+    cm = ref._rec.cm
+    dhs = ref.desc_handlers
+    with temporary_lease(cm) as leased:
+        ref.finalize()
+        chain = chain_of(ref)
+        use_variant = run_parallel(
+            [
+                lambda r=r: _ensure_blob(  # type: ignore[misc]
+                    r, dhs, leased, create_if_needed, compression, force_compression
+                )
+                for r in chain
+            ]
+        )
+        for r in chain:
+            set_chains(r)
+        descriptors = []
+        for r, variant in zip(chain, use_variant, strict=True):
+            desc = oci_desc(r, dhs)
+            if cm._is_lazy(r):
+                desc = _with_distribution_sources(desc, r.md.image_refs)
+            if (force_compression or variant) and needs_conversion(desc.media_type, compression):
+                try:
+                    blob = get_compression_blob(r, compression)
+                except NotFoundError:
+                    raise CacheError(
+                        f"no {compression.value} variant of {desc.digest} was made"
+                    ) from None
+                desc = replace(
+                    desc,
+                    media_type=blob.media_type,
+                    digest=blob.digest,
+                    size=blob.size,
+                    annotations={**desc.annotations, **blob.annotations},
+                )
+            descriptors.append(desc)
+    entries = {d.digest: (r, d) for r, d in zip(chain, descriptors, strict=True)}
+    provider = _RemoteProvider(cm, entries, dhs)
+    return Remote(descriptors, provider, provider.unlazy_all)
+
+
+def _ensure_blob(
+    rec: _Record,
+    dhs: DescHandlers,
+    leased: Client,
+    create_if_needed: bool,
+    compression: Compression,
+    force: bool,
+) -> bool:
+    """Gives the record a blob (and the forced variant); whether the remote should serve
+    the `compression` variant rather than the blob itself."""
+    cm = rec.cm
+    fell_back = cm._flight.do(
+        f"blob-{rec.id}-{create_if_needed}",
+        lambda: _create_blob(rec, dhs, leased, create_if_needed, compression),
+    )
+    use_variant = force or (fell_back and compression is Compression.ZSTD)
+    if use_variant:
+        ensure_compression(rec, dhs, leased, compression)
+    return use_variant
+
+
+def _create_blob(
+    rec: _Record,
+    dhs: DescHandlers,
+    leased: Client,
+    create_if_needed: bool,
+    compression: Compression,
+) -> bool:
+    """Makes the record's blob with the diff service unless it has one; whether the daemon
+    could not write zstd and gzip was made instead."""
+    if rec.md.blob:
+        return False
+    if not create_if_needed:
+        raise NoBlobsError(f"record {rec.id} has no blob")
+    cm = rec.cm
+    sn = leased.snapshots(cm.snapshotter)
+    lower = []
+    if rec.parent is not None:
+        extract(rec.parent)
+        lower = sn.view(f"diff-lower-{cm.new_id()}", rec.parent._rec.md.snapshot_id)
+    with rec.mu:
+        if rec.equal_mutable is not None:
+            upper = readonly_mounts(sn.mounts(rec.equal_mutable._rec.md.snapshot_id))
+        else:
+            upper = sn.view(f"diff-upper-{cm.new_id()}", rec.md.snapshot_id)
+    media_type = media_type_for(compression)
+    fell_back = False
+    try:
+        desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+    except UnimplementedError:
+        if compression is not Compression.ZSTD:
+            raise
+        fell_back = True
+        media_type = media_type_for(Compression.GZIP)
+        desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+    labels = leased.content.info(desc.digest).labels
+    diff_id = labels.get(UNCOMPRESSED_LABEL) or (desc.digest if media_type == OCI_LAYER else "")
+    if not diff_id:
+        raise CacheError(f"containerd did not record the uncompressed digest of {desc.digest}")
+    set_blob(rec, Descriptor(media_type, desc.digest, desc.size, {UNCOMPRESSED_LABEL: diff_id}))
+    return fell_back
+
+
+def ensure_compression(
+    rec: _Record, dhs: DescHandlers, leased: Client, compression: Compression
+) -> None:
+    """Makes sure the record has a `compression` variant (a lazy blob that already is of
+    that compression stays lazy)."""
+    cm = rec.cm
+
+    def ensure() -> None:
+        desc = oci_desc(rec, dhs)
+        if not needs_conversion(desc.media_type, compression):
+            if not cm._is_lazy(rec):
+                add_compression_blob(rec, desc, compression)
+            return
+        with contextlib.suppress(NotFoundError):
+            get_compression_blob(rec, compression)
+            return
+        unlazy(rec, desc, dhs.get(desc.digest))
+        variant = convert(cm, leased, desc, compression, rec.md.diff_id)
+        add_compression_blob(rec, variant, compression)
+
+    cm._flight.do(f"compress-{rec.id}-{compression.value}", ensure)
+
+
+def convert(
+    cm: Manager, leased: Client, desc: Descriptor, target: Compression, diff_id: str
+) -> Descriptor:
+    """Streams the blob `desc` out of the content store, decompresses it, checks that it
+    unpacks to `diff_id`, recompresses it as `target` and writes it back."""
+    source = compression_of(desc.media_type)
+    uncompressed = hashlib.sha256()
+    compressed = hashlib.sha256()
+
+    def tee() -> Iterator[bytes]:
+        for chunk in decompressed_chunks(cm._client.content.read(desc.digest), source):
+            uncompressed.update(chunk)
+            yield chunk
+
+    ingest = f"convert-{desc.digest}-{target.value}"
+    size = 0
+    with leased.content.writer(ingest) as writer:
+        if writer.offset:
+            writer.truncate()
+        try:
+            for chunk in compressed_chunks(tee(), target):
+                compressed.update(chunk)
+                size += len(chunk)
+                writer.write(chunk)
+            seen = "sha256:" + uncompressed.hexdigest()
+            if seen != diff_id:
+                raise InvalidError(
+                    f"layer {desc.digest} decompresses to {seen}, not to its diff id {diff_id}"
+                )
+            digest = "sha256:" + compressed.hexdigest()
+            labels = {} if target is Compression.UNCOMPRESSED else {UNCOMPRESSED_LABEL: diff_id}
+            with contextlib.suppress(AlreadyExistsError):
+                writer.commit(size=size, expected=digest, labels=labels)
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(CacheError):
+                leased.content.abort(ingest)
+            raise
+    return Descriptor(media_type_for(target), digest, size, {UNCOMPRESSED_LABEL: diff_id})
+
+
+def _with_distribution_sources(desc: Descriptor, image_refs: Sequence[str]) -> Descriptor:
+    """Adds `containerd.io/distribution.source.<host>` = repositories, for image refs that
+    name their registry host."""
+    annotations = dict(desc.annotations)
+    for image_ref in image_refs:
+        host, _, rest = image_ref.partition("/")
+        if not rest or not ("." in host or ":" in host or host == "localhost"):
+            continue
+        repository = rest.split("@", 1)[0].rsplit(":", 1)[0] if ":" in rest else rest.split("@")[0]
+        key = DISTRIBUTION_SOURCE_PREFIX + host.split(":")[0]
+        repos = [r for r in annotations.get(key, "").split(",") if r]
+        if repository not in repos:
+            repos.append(repository)
+        annotations[key] = ",".join(repos)
+    return replace(desc, annotations=annotations)
+
+
+class _RemoteProvider:
+    """Serves a remote's descriptors from the content store, pulling lazy ones first."""
+
+    def __init__(
+        self, cm: Manager, entries: Mapping[str, tuple[_Record, Descriptor]], dhs: DescHandlers
+    ) -> None:
+        self._cm = cm
+        self._entries = entries
+        self._dhs = dhs
+
+    def _unlazy(self, digest: str) -> None:
+        rec, desc = self._entries[digest]
+        if desc.digest == rec.md.blob:
+            unlazy(rec, desc, self._dhs.get(desc.digest))
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        if desc.digest not in self._entries:
+            raise NotFoundError(f"blob {desc.digest} is not part of this remote")
+        self._unlazy(desc.digest)
+        return io.BufferedReader(self._cm._client.content.open(desc.digest), _CHUNK)
+
+    def unlazy_all(self) -> None:
+        run_parallel([lambda d=d: self._unlazy(d) for d in self._entries])  # type: ignore[misc]
+
+
+# Writing layers into mutable snapshots.
+
+
+def apply_layer(
+    ref: MutableRef, layer: bytes | BinaryIO | Descriptor, media_type: str | None
+) -> None:
+    """Writes a layer tar into the mutable snapshot through containerd's diff service; the
+    blob is held only by a temporary lease."""
+    rec = ref._rec
+    cm = rec.cm
+    with temporary_lease(cm) as leased:
+        if isinstance(layer, Descriptor):
+            desc = layer if media_type is None else replace(layer, media_type=media_type)
+            compression_of(desc.media_type)
+            leased.content.info(parse_digest(desc.digest))
+            leased.leases.add_resource(leased.lease, LeaseResource.content(desc.digest))
+        else:
+            desc = _write_layer(cm, leased, layer, media_type)
+        with rec.mu:
+            mounts = leased.snapshots(cm.snapshotter).mounts(rec.md.snapshot_id)
+            leased.diff.apply(desc, mounts)
+            rec.md.size = None
+            rec.save()
+
+
+def _write_layer(
+    cm: Manager, leased: Client, layer: bytes | BinaryIO, media_type: str | None
+) -> Descriptor:
+    stream: BinaryIO = io.BytesIO(layer) if isinstance(layer, bytes | bytearray) else layer
+    head = stream.read(4)
+    if media_type is None:
+        media_type = media_type_for(detect(head))
+    compression_of(media_type)
+    digest = hashlib.sha256()
+    size = 0
+    ingest = f"apply-{cm.new_id()}"
+    with leased.content.writer(ingest) as writer:
+        try:
+            chunk = head
+            while chunk:
+                digest.update(chunk)
+                size += len(chunk)
+                writer.write(chunk)
+                chunk = stream.read(_CHUNK)
+            expected = "sha256:" + digest.hexdigest()
+            with contextlib.suppress(AlreadyExistsError):
+                writer.commit(size=size, expected=expected)
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(CacheError):
+                leased.content.abort(ingest)
+            raise
+    return Descriptor(media_type, expected, size)

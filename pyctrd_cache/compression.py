@@ -1,0 +1,201 @@
+"""Layer compressions: media types, detection and streaming conversion (BuildKit's
+util/compression and cache/converter.go).
+
+Conversion streams a blob out of the content store, decompresses it, checks the
+uncompressed digest against the layer's diff id, recompresses it with a C codec (zlib for
+gzip, the zstandard package for zstd) and streams the result back, never holding a layer in
+memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, Protocol
+
+import zstandard
+
+from .errors import CacheError, InvalidError
+
+__all__ = [
+    "Compression",
+    "chain_id",
+    "compressed_chunks",
+    "decompressed_chunks",
+    "detect",
+    "from_media_type",
+    "media_type_for",
+    "needs_conversion",
+    "parse_digest",
+]
+
+OCI_LAYER: Final = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP: Final = OCI_LAYER + "+gzip"
+OCI_LAYER_ZSTD: Final = OCI_LAYER + "+zstd"
+_OCI_NONDIST: Final = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+DOCKER_LAYER: Final = "application/vnd.docker.image.rootfs.diff.tar"
+DOCKER_LAYER_GZIP: Final = DOCKER_LAYER + ".gzip"
+_DOCKER_FOREIGN_GZIP: Final = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+_DOCKER_LAYER_ZSTD: Final = DOCKER_LAYER + ".zstd"
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+_DIGEST_RE: Final = re.compile(r"^(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$")
+_CHUNK: Final = 1 << 20
+
+
+class Compression(enum.Enum):
+    """How a layer blob is compressed; values as BuildKit spells them."""
+
+    UNCOMPRESSED = "uncompressed"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    ESTARGZ = "estargz"
+
+
+_BY_MEDIA_TYPE: Final = {
+    OCI_LAYER: Compression.UNCOMPRESSED,
+    _OCI_NONDIST: Compression.UNCOMPRESSED,
+    DOCKER_LAYER: Compression.UNCOMPRESSED,
+    OCI_LAYER_GZIP: Compression.GZIP,
+    _OCI_NONDIST + "+gzip": Compression.GZIP,
+    DOCKER_LAYER_GZIP: Compression.GZIP,
+    _DOCKER_FOREIGN_GZIP: Compression.GZIP,
+    OCI_LAYER_ZSTD: Compression.ZSTD,
+    _OCI_NONDIST + "+zstd": Compression.ZSTD,
+    _DOCKER_LAYER_ZSTD: Compression.ZSTD,
+}
+
+_MEDIA_TYPE: Final = {
+    Compression.UNCOMPRESSED: OCI_LAYER,
+    Compression.GZIP: OCI_LAYER_GZIP,
+    Compression.ZSTD: OCI_LAYER_ZSTD,
+}
+
+
+def from_media_type(media_type: str) -> Compression | None:
+    """The compression of a layer media type; None for a type that is not a known layer."""
+    return _BY_MEDIA_TYPE.get(media_type)
+
+
+def media_type_for(compression: Compression) -> str:
+    """The OCI layer media type written for `compression`."""
+    if compression is Compression.ESTARGZ:
+        raise CacheError("eStargz layers are not supported yet")
+    return _MEDIA_TYPE[compression]
+
+
+def needs_conversion(media_type: str, compression: Compression) -> bool:
+    """Whether a layer of `media_type` must be converted to serve as `compression`."""
+    current = from_media_type(media_type)
+    if current is None:
+        return False  # not a layer: never converted
+    if compression is Compression.ESTARGZ:
+        raise CacheError("eStargz layers are not supported yet")
+    return current is not compression
+
+
+def detect(head: bytes) -> Compression:
+    """The compression of a layer stream from its first bytes (magic numbers)."""
+    if head.startswith(_GZIP_MAGIC):
+        return Compression.GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return Compression.ZSTD
+    return Compression.UNCOMPRESSED
+
+
+def parse_digest(value: str, *, what: str = "digest") -> str:
+    """`value` if it is a well-formed sha256/384/512 digest, else `InvalidError`."""
+    if not isinstance(value, str) or not _DIGEST_RE.match(value):
+        raise InvalidError(f"malformed {what} {value!r}")
+    return value
+
+
+def chain_id(parent: str, child: str) -> str:
+    """The OCI image-spec chain id of `child` on `parent` (sha256 of "parent child")."""
+    return "sha256:" + hashlib.sha256(f"{parent} {child}".encode()).hexdigest()
+
+
+class _Decompressor(Protocol):
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def decompressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iterator[bytes]:
+    """The uncompressed tar stream of a layer given as compressed chunks.
+
+    A truncated or corrupt stream raises `InvalidError`.
+    """
+    if compression is Compression.UNCOMPRESSED:
+        yield from chunks
+        return
+    try:
+        new: Callable[[], _Decompressor]
+        if compression is Compression.ZSTD:
+            new = zstandard.ZstdDecompressor().decompressobj
+        else:
+
+            def new() -> _Decompressor:
+                return zlib.decompressobj(wbits=31)
+
+        d = new()
+        started = False  # whether the current frame (gzip member) has had any input
+        frames = 0
+        for chunk in chunks:
+            while chunk:
+                started = True
+                if out := d.decompress(chunk):
+                    yield out
+                if not d.eof:
+                    break
+                # The next frame: eStargz layers are many gzip members.
+                frames += 1
+                chunk = d.unused_data
+                d = new()
+                started = False
+        if started or frames == 0:
+            raise InvalidError(f"{compression.value} layer stream ends early")
+    except (zlib.error, zstandard.ZstdError) as err:
+        raise InvalidError(f"corrupt {compression.value} layer: {err}") from None
+
+
+def compressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iterator[bytes]:
+    """The layer stream compressed as `compression`."""
+    if compression is Compression.UNCOMPRESSED:
+        yield from chunks
+        return
+    compress: Callable[[bytes], bytes]
+    flush: Callable[[], bytes]
+    if compression is Compression.GZIP:
+        z = zlib.compressobj(level=6, wbits=31)
+        compress, flush = z.compress, z.flush
+    elif compression is Compression.ZSTD:
+        zc = zstandard.ZstdCompressor(level=3).compressobj()
+        compress, flush = zc.compress, zc.flush
+    else:
+        media_type_for(compression)  # raises for the unsupported ones
+        raise AssertionError(compression)
+    for chunk in chunks:
+        if out := compress(chunk):
+            yield out
+    yield flush()
+
+
+def rechunk(chunks: Iterable[bytes], size: int = _CHUNK) -> Iterator[bytes]:
+    """The same bytes in pieces of exactly `size` (the last may be shorter)."""
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)

@@ -1,0 +1,112 @@
+"""Where lazy blobs come from (providers and descriptor handlers) and what `get_remote`
+returns (BuildKit's cache/remote.go and opts.go)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal, Protocol, runtime_checkable
+
+from .client.types import Descriptor
+from .compression import parse_digest
+from .errors import InvalidError, NotFoundError
+
+__all__ = [
+    "DescHandler",
+    "OCILayoutProvider",
+    "ProgressEvent",
+    "Provider",
+    "Remote",
+]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A source of blobs by descriptor."""
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        """A readable stream of the blob; `NotFoundError` when this provider does not have it."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What a progress callback hears: `start`, then `bytes` as data moves (`current` of
+    `total`), `status` for a named step (`extracting <digest>`), and `end` (with the error,
+    if the work failed)."""
+
+    kind: Literal["start", "bytes", "status", "end"]
+    digest: str
+    current: int = 0
+    total: int = 0
+    message: str = ""
+    error: BaseException | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class DescHandler:
+    """How to fetch one lazy blob, and what to tell about it."""
+
+    provider: Provider
+    progress: ProgressCallback | None = None
+    snapshot_labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    ref: str = ""
+
+
+DescHandlers = Mapping[str, DescHandler]
+
+
+class OCILayoutProvider:
+    """Serves the blobs of an OCI image layout directory (`blobs/<algorithm>/<hex>`)."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+        layout = self.path / "oci-layout"
+        try:
+            version = json.loads(layout.read_text()).get("imageLayoutVersion")
+        except (OSError, ValueError, AttributeError):
+            raise InvalidError(
+                f"{self.path} is not an OCI image layout (no valid {layout.name})"
+            ) from None
+        if version != "1.0.0":
+            raise InvalidError(f"{self.path}: unsupported OCI image layout version {version!r}")
+
+    def blob_path(self, digest: str) -> pathlib.Path:
+        algorithm, _, hex_digest = parse_digest(digest).partition(":")
+        return self.path / "blobs" / algorithm / hex_digest
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        try:
+            return open(self.blob_path(desc.digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"blob {desc.digest} is not in the OCI layout {self.path}"
+            ) from None
+
+
+class Remote:
+    """A chain of layer descriptors, parent first, and a provider that serves every one of
+    them (a lazy one is pulled into the content store on its first open)."""
+
+    def __init__(
+        self,
+        descriptors: Sequence[Descriptor],
+        provider: Provider,
+        unlazy: Callable[[], None],
+    ) -> None:
+        self.descriptors = list(descriptors)
+        self.provider = provider
+        self._unlazy = unlazy
+
+    def unlazy(self) -> None:
+        """Pulls every lazy blob of the chain into the content store, concurrently."""
+        self._unlazy()
+
+    def __repr__(self) -> str:
+        return f"Remote({[d.digest for d in self.descriptors]})"

@@ -1,0 +1,33 @@
+"""Assertions the integration tests share, made with containerd's own listings."""
+
+from __future__ import annotations
+
+import uuid
+
+from pyctrd_cache import Manager
+from pyctrd_cache.client import Client
+from pyctrd_cache.manager import OWNER_LABEL
+from tests.fix_containerd import SNAPSHOTTER
+
+
+def check_disk_usage(cm: Manager, in_use: int, unused: int) -> None:
+    du = cm.disk_usage()
+    assert (sum(u.in_use for u in du), sum(not u.in_use for u in du)) == (in_use, unused), du
+
+
+def snapshot_names(client: Client) -> list[str]:
+    return sorted(s.name for s in client.snapshots(SNAPSHOTTER).list())
+
+
+def owned_leases(client: Client, cm: Manager) -> list[str]:
+    return sorted(x.id for x in client.leases.list(f'labels."{OWNER_LABEL}"=={cm.manager_id}'))
+
+
+def blob_count(client: Client) -> int:
+    return len(client.content.list())
+
+
+def gc(client: Client) -> None:
+    """Runs containerd's garbage collector and waits for it."""
+    lease = client.leases.create(f"gc-{uuid.uuid4().hex}")
+    client.leases.delete(lease.id, sync=True)
