@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import random
 import shutil
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyctrd_cache import CachePolicy, EmbeddedContainerd, Manager, PrunePolicy
+from pyctrd_cache import (
+    CachePolicy,
+    Compression,
+    EmbeddedContainerd,
+    ImmutableRef,
+    Manager,
+    Mount,
+    PrunePolicy,
+    UnimplementedError,
+)
 from pyctrd_cache.client import Client
+from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
+from pyctrd_cache.compression import decompressed_chunks, media_type_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SNAPSHOTTER = "overlayfs"
@@ -102,7 +116,128 @@ def bench_core(address: str, work: pathlib.Path, cycles: int, rounds: int) -> li
     ]
 
 
-BENCHES = {"core": bench_core}
+def _layer_data(seed: int, size: int) -> bytes:
+    """Half random, half text: compresses about as well as a typical layer."""
+    rng = random.Random(seed)
+    text = b"".join(
+        f"line {i} of layer {seed}: {rng.random()}\n".encode() for i in range(size // 80)
+    )
+    return rng.randbytes(size // 2) + text[: size - size // 2]
+
+
+def _chain(cm: Manager, layers: int, layer_size: int, seed: int) -> list[ImmutableRef]:
+    refs: list[ImmutableRef] = []
+    for i in range(layers):
+        work = cm.new(refs[-1] if refs else None)
+        with work.mount(readonly=False) as root:
+            (root / f"layer-{i}").write_bytes(_layer_data(seed * 100 + i, layer_size))
+        snap = work.commit()
+        snap.finalize()
+        refs.append(snap)
+    return refs
+
+
+def _diff_directly(client: Client, snapshotter: str, refs: list[ImmutableRef], media: str) -> None:
+    """The diff service called for every layer of the chain, all at once as get_remote does:
+    the floor of get_remote."""
+    lease = client.leases.create(flat=True)
+    leased = client.with_lease(lease.id)
+    sn = leased.snapshots(snapshotter)
+    views = [sn.view(f"bench-{ref.id}", ref.info().snapshot_id) for ref in refs]
+
+    def diff(lower: list[Mount], upper: list[Mount]) -> None:
+        try:
+            leased.diff.diff(lower, upper, media_type=media)
+        except UnimplementedError:  # no zstd diffs before containerd 1.7.29 / 2.0.1
+            leased.diff.diff(lower, upper, media_type=media_type_for(Compression.GZIP))
+
+    try:
+        threads = [
+            threading.Thread(target=diff, args=(lower, upper))
+            for lower, upper in zip([[], *views], views, strict=False)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        client.leases.delete(lease.id, sync=True)
+
+
+def bench_remote(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """get_remote on a ten-layer chain of 16 MiB layers, against the diff service called
+    directly for the same layers; gzip to zstd conversion against gzip -dc | zstd."""
+    del cycles
+    layers, layer_size = 10, 16 << 20
+    cm = Manager.open(address, namespace="bench-remote", state_dir=work / "remote-state")
+    bare = Client(address, namespace="bench-remote")
+    rows = []
+    for compression in (Compression.UNCOMPRESSED, Compression.GZIP, Compression.ZSTD):
+        floor_times, ours_times = [], []
+        for r in range(max(1, rounds // 2)):
+            refs = _chain(cm, layers, layer_size, seed=r)
+            started = time.perf_counter()
+            _diff_directly(bare, cm.snapshotter, refs, media_type_for(compression))
+            floor_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            refs[-1].get_remote(compression=compression)
+            ours_times.append(time.perf_counter() - started)
+            for ref in refs:
+                ref.release()
+            cm.prune(PrunePolicy(all=True))
+        f, o = statistics.median(floor_times), statistics.median(ours_times)
+        rows.append(
+            Row(
+                f"get_remote, 10 x 16 MiB, {compression.value}",
+                f"{o:.2f} s",
+                f"diff service directly {f:.2f} s, ratio {o / f:.2f}x",
+            )
+        )
+
+    # gzip -> zstd conversion of one 64 MiB layer.
+    (ref,) = _chain(cm, 1, 64 << 20, seed=99)
+    gz = ref.get_remote(compression=Compression.GZIP).descriptors[0]
+    blob_path = work / "layer.tar.gz"
+    with open(blob_path, "wb") as f:
+        for chunk in bare.content.read(gz.digest):
+            f.write(chunk)
+    ours, shell = [], []
+    for _ in range(rounds):
+        other = cm.get_by_blob(gz)
+        started = time.perf_counter()
+        other.get_remote(compression=Compression.ZSTD, force_compression=True)
+        ours.append(time.perf_counter() - started)
+        other.release()
+        started = time.perf_counter()
+        subprocess.run(f"gzip -dc {blob_path} | zstd -q -3 -c > /dev/null", shell=True, check=True)
+        shell.append(time.perf_counter() - started)
+        # Drop the variant so the next round converts again.
+        for info in bare.content.list(f'labels."buildkit.io/compression/mediatype"=={TAR_ZSTD}'):
+            bare.content.delete(info.digest)
+        bare.content.update_labels(gz.digest, {}, fields=["buildkit.io/compression/digest.zstd"])
+    size_mb = _uncompressed_size(bare, gz.digest) / 1e6
+    o, s = statistics.median(ours), statistics.median(shell)
+    rows.append(
+        Row(
+            "gzip -> zstd conversion, 64 MiB layer",
+            f"{size_mb / o:,.0f} MB/s",
+            f"gzip -dc | zstd: {size_mb / s:,.0f} MB/s, time ratio {o / s:.2f}x",
+        )
+    )
+    ref.release()
+    cm.prune(PrunePolicy(all=True))
+    cm.close()
+    bare.close()
+    return rows
+
+
+def _uncompressed_size(client: Client, digest: str) -> int:
+    return sum(
+        len(chunk) for chunk in decompressed_chunks(client.content.read(digest), Compression.GZIP)
+    )
+
+
+BENCHES = {"core": bench_core, "remote": bench_remote}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -92,6 +93,42 @@ def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
     if errors:
         raise errors[0]
     return results  # type: ignore[return-value]
+
+
+def pipelined(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """The items of `items`, produced by a thread of their own at most `depth` ahead; an
+    error of the producer is raised here. Closing the result stops the producer."""
+    q: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as err:
+            q.put((False, err))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = q.get()
+            if not more:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
 
 
 def diff_id_of(desc: Descriptor) -> str:
@@ -572,14 +609,20 @@ def convert(
             uncompressed.update(chunk)
             yield chunk
 
+    def compress() -> Iterator[bytes]:
+        for chunk in compressed_chunks(pipelined(tee()), target):
+            compressed.update(chunk)
+            yield chunk
+
     ingest = f"convert-{desc.digest}-{target.value}"
     size = 0
     with leased.content.writer(ingest) as writer:
         if writer.offset:
             writer.truncate()
         try:
-            for chunk in compressed_chunks(tee(), target):
-                compressed.update(chunk)
+            # Reading and decompressing, compressing, and writing run in three threads: the
+            # codecs and the hashes release the GIL, so the stages overlap on several cores.
+            for chunk in pipelined(compress()):
                 size += len(chunk)
                 writer.write(chunk)
             seen = "sha256:" + uncompressed.hexdigest()
