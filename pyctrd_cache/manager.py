@@ -14,10 +14,10 @@ import contextlib
 import os
 import pathlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Final
 
@@ -37,6 +37,7 @@ from .errors import (
 from .metadata import MetadataStore, RecordMeta
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
 from .remote import DescHandlers
+from .shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
 from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
@@ -71,6 +72,7 @@ class _UsageEntry:
     info: RefInfo
     refs: int
     double_ref: bool
+    chain: list[str]
 
 
 class Manager:
@@ -79,10 +81,19 @@ class Manager:
     Create it with `Manager.open`; all methods, and those of its refs, are thread-safe.
     """
 
-    def __init__(self, client: Client, store: MetadataStore, snapshotter: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        store: MetadataStore,
+        snapshotter: str,
+        shared_checker: SharedCheckerFactory | None = None,
+    ) -> None:
         self._client = client
         self._store = store
         self.snapshotter = snapshotter
+        self._shared_checker: SharedCheckerFactory = shared_checker or (
+            lambda: ImageStoreChecker(client)
+        )
         self._mu = threading.Lock()
         self._prune_mu = threading.Lock()
         self._records: dict[str, _Record] = {}
@@ -101,9 +112,15 @@ class Manager:
         namespace: str | None = None,
         snapshotter: str = "overlayfs",
         state_dir: str | os.PathLike[str] | None = None,
+        shared_checker: SharedCheckerFactory | None = None,
     ) -> Manager:
         """Connects, checks the snapshotter, opens the metadata store and reconciles it with
-        containerd (see `reconcile`)."""
+        containerd (see `_reconcile`).
+
+        `shared_checker` makes the checker `disk_usage` and `prune` ask which records are
+        shared; by default, those whose chain of blobs an image in the namespace's image
+        store uses.
+        """
         address = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
         namespace = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
         client = Client(address, namespace=namespace)
@@ -113,7 +130,7 @@ class Manager:
         except BaseException:
             client.close()
             raise
-        manager = cls(client, store, snapshotter)
+        manager = cls(client, store, snapshotter, shared_checker)
         try:
             manager._reconcile()
         except BaseException:
@@ -369,6 +386,7 @@ class Manager:
             equal_mutable=mrec.id,
             snapshot_id=mrec.md.snapshot_id,
             description=mrec.md.description,
+            record_type=mrec.md.record_type,
             created_at=now_ns(),
         )
         dhs = ref.desc_handlers
@@ -553,9 +571,11 @@ class Manager:
     ) -> ImmutableRef:
         """A new record for a blob; the manager lock is held."""
         snapshot_id, blob_only = chain, True
-        for record_id in self._store.search_chain(chain):
+        # A record that has the snapshot extracted is the better one to share it with.
+        linkable = [self._records[i] for i in self._store.search_chain(chain) if i in self._records]
+        for candidate in sorted(linkable, key=lambda r: r.md.blob_only):
             try:
-                link = self._get(record_id, trigger_last_used=False, dhs=dhs)
+                link = self._get(candidate.id, trigger_last_used=False, dhs=dhs)
             except (NotFoundError, NeedsRemoteProvidersError):
                 continue
             with link._rec.mu:
@@ -634,25 +654,80 @@ class Manager:
     # Disk usage.
 
     def disk_usage(self, *, filters: Sequence[str] = ()) -> list[UsageInfo]:
-        """One entry per record; sizes are computed concurrently and cached.
+        """One entry per record, oldest first; sizes are computed concurrently and cached.
 
-        A record is in use while a handle on it, or on a record built on it, is open.
+        A record is in use while a handle on it, or on a record built on it, is open. A
+        snapshot that several records share counts once, in the oldest of them that holds
+        it extracted, or else in the oldest of them (moby/buildkit#6931).
         """
         self._check_open()
         match = _compile(filters)
         entries = self._usage_entries()
-        infos = [self._usage_info(e.info, e.refs) for e in entries.values()]
+        sizes = self._sizes(entries)
+        shared = self._shared(entries)
+        infos = [
+            self._usage_info(e.info, e.refs, size=sizes[record_id], shared=record_id in shared)
+            for record_id, e in entries.items()
+        ]
         infos = [i for i in infos if match.match(_adaptor(i))]
-        unknown = [i for i in infos if i.size < 0]
-        sizes = dict(
-            zip(
-                (i.id for i in unknown),
-                self._executor.map(lambda i: self._size_of(entries[i.id].rec), unknown),
-                strict=True,
-            )
-        )
         infos.sort(key=lambda i: (i.created_at.timestamp() if i.created_at else 0.0, i.id))
-        return [_replace_size(i, sizes[i.id]) if i.id in sizes else i for i in infos]
+        return infos
+
+    def metadata_size(self) -> int:
+        """Bytes the metadata store takes on disk (moby/buildkit#4218)."""
+        return self._store.size_on_disk()
+
+    def _sizes(self, entries: Mapping[str, _UsageEntry]) -> dict[str, int]:
+        unknown = [e.rec for e in entries.values() if e.info.size is None]
+        sizes = {e.info.id: e.info.size or 0 for e in entries.values()}
+        computed = self._executor.map(self._size_of, unknown)
+        sizes.update(zip((r.id for r in unknown), computed, strict=True))
+        groups: dict[str, list[_UsageEntry]] = {}
+        for e in entries.values():
+            if e.info.mutable and e.refs > 0:
+                sizes[e.info.id] = 0  # changing while in use
+            else:
+                groups.setdefault(e.info.snapshot_id, []).append(e)
+        existing: set[str] | None = None
+        sn = self._client.snapshots(self.snapshotter)
+        for snapshot_id, group in groups.items():
+            counted = [e for e in group if not e.info.blob_only]
+            if len(counted) == 1:
+                continue
+            if not counted:
+                if existing is None:
+                    existing = {s.name for s in sn.list()}
+                if snapshot_id not in existing:
+                    continue
+            try:
+                usage = sn.usage(snapshot_id).size
+            except NotFoundError:
+                continue
+            group.sort(
+                key=lambda e: (e.info.created_at or datetime.min.replace(tzinfo=UTC), e.info.id)
+            )
+            if counted:
+                counted.sort(
+                    key=lambda e: (e.info.created_at or datetime.min.replace(tzinfo=UTC), e.info.id)
+                )
+                for e in counted[1:]:
+                    sizes[e.info.id] = max(0, sizes[e.info.id] - usage)
+            else:
+                sizes[group[0].info.id] += usage
+        return sizes
+
+    def _shared(self, entries: Mapping[str, _UsageEntry]) -> set[str]:
+        """The records an image uses, and all their parents."""
+        checker = self._shared_checker()
+        shared: set[str] = set()
+        for record_id, e in entries.items():
+            if record_id in shared or not checker.exists(record_id, e.chain):
+                continue
+            walk: str | None = record_id
+            while walk is not None and walk in entries and walk not in shared:
+                shared.add(walk)
+                walk = entries[walk].info.parent_id
+        return shared
 
     def _size_of(self, rec: _Record) -> int:
         return self._flight.do(f"size-{rec.id}", rec.compute_size)
@@ -674,6 +749,7 @@ class Manager:
                         rec.info(),
                         refs=len(rec.refs),
                         double_ref=rec.equal_immutable is not None,
+                        chain=rec.parent_chain(),
                     )
         for leaving_parent in leaving:
             if leaving_parent in entries:
@@ -691,10 +767,7 @@ class Manager:
         return entries
 
     @staticmethod
-    def _usage_info(info: RefInfo, refs: int) -> UsageInfo:
-        size = info.size if info.size is not None else -1
-        if info.mutable and refs > 0:
-            size = 0  # changing while in use
+    def _usage_info(info: RefInfo, refs: int, *, size: int, shared: bool) -> UsageInfo:
         return UsageInfo(
             id=info.id,
             mutable=info.mutable,
@@ -706,7 +779,7 @@ class Manager:
             usage_count=info.usage_count,
             description=info.description,
             record_type=info.record_type,
-            shared=False,
+            shared=shared,
         )
 
     # Prune.
@@ -740,45 +813,54 @@ class Manager:
 
     def _prune_once(self, policy: PrunePolicy, report: Callable[[UsageInfo], None]) -> None:
         match = _compile(policy.filters)
+        checker = self._shared_checker() if not policy.all or policy.filters else None
+        keep = policy.keep_bytes
         total = 0
-        if policy.keep_bytes:
+        free_space_policy = policy.reserved_space or policy.max_used_space or policy.min_free_space
+        if keep or free_space_policy:
             total = sum(u.size for u in self.disk_usage() if not u.shared)
+        if free_space_policy:
+            keep = keep_bytes_for(
+                total,
+                self._free_bytes(),
+                reserved_space=max(policy.reserved_space, policy.keep_bytes),
+                max_used_space=policy.max_used_space,
+                min_free_space=policy.min_free_space,
+            )
         cut_off = (
             now_ns() - int(policy.keep_duration.total_seconds() * 1e9)
             if policy.keep_duration
             else None
         )
-        while True:
-            if policy.keep_bytes and total <= policy.keep_bytes:
-                return
-            batch = self._prune_candidates(policy, match, cut_off)
-            if not batch:
-                return
-            for rec in batch:
-                self._size_of(rec)
-            # The manager lock is taken per record, so other calls go on during a long prune.
-            for rec in batch:
-                with self._mu, rec.mu:
-                    info = self._removed_info(rec)
+        while not keep or total > keep:
+            removed_any = False
+            for rec in self._prune_candidates(policy, match, cut_off, checker, ranked=bool(keep)):
+                if keep and total <= keep:
+                    return
+                info = self._remove_unused(rec)
+                if info is not None:
+                    removed_any = True
                     total -= info.size
-                    if rec.equal_immutable is not None:
-                        rec.equal_immutable._rec.remove(remove_snapshot=False)
-                    rec.remove(remove_snapshot=True)
-                report(info)
+                    report(info)
+            if not removed_any:
+                return
 
     def _prune_candidates(
-        self, policy: PrunePolicy, match: filters.Filter, cut_off: int | None
+        self,
+        policy: PrunePolicy,
+        match: filters.Filter,
+        cut_off: int | None,
+        checker: SharedChecker | None,
+        *,
+        ranked: bool,
     ) -> list[_Record]:
-        """Marks and returns the next records to remove: every unused record the policy
-        allows, or with `keep_bytes` only the least recently used one of them."""
+        """The unused records the policy allows removing now (a parent becomes one once its
+        children are gone); least recently used first when `ranked`."""
         candidates: list[_Record] = []
         with self._mu:
             for rec in list(self._records.values()):
                 with rec.mu:
                     if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
-                        continue
-                    record_type = rec.md.record_type or RecordType.REGULAR
-                    if not policy.all and record_type in (RecordType.INTERNAL, RecordType.FRONTEND):
                         continue
                     if (
                         cut_off is not None
@@ -786,22 +868,79 @@ class Manager:
                         and rec.md.last_used_at > cut_off
                     ):
                         continue
-                    if match.match(_adaptor(self._usage_info(rec.info(), 0))):
+                    info = rec.info()
+                    shared = checker is not None and checker.exists(rec.id, rec.parent_chain())
+                    if not policy.all and (
+                        shared or info.record_type in (RecordType.INTERNAL, RecordType.FRONTEND)
+                    ):
+                        continue
+                    usage = self._usage_info(info, 0, size=info.size or 0, shared=shared)
+                    if match.match(_adaptor(usage)):
                         candidates.append(rec)
-            if policy.keep_bytes and candidates:
-                candidates = _rank_for_removal(candidates)[:1]
-            for rec in candidates:
-                with rec.mu:
-                    rec.dead = True
-                    rec.md.deleted = True
-            self._store.update(*(rec.md for rec in candidates))
-        return candidates
+        return _rank_for_removal(candidates) if ranked else candidates
 
-    def _removed_info(self, rec: _Record) -> UsageInfo:
-        size = rec.md.size
-        if size is None and rec.equal_immutable is not None:
-            size = rec.equal_immutable._rec.md.size
-        return _replace_size(self._usage_info(rec.info(), 0), size if size is not None else 0)
+    def _remove_unused(self, rec: _Record) -> UsageInfo | None:
+        """Removes `rec` unless it gained a handle since it was chosen; what was removed.
+
+        The manager lock is taken for one record at a time, so other calls go on during a
+        long prune (moby/buildkit#4401).
+        """
+        self._size_of(rec)
+        with self._mu, rec.mu:
+            if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
+                return None
+            size = rec.md.size
+            if size is None and rec.equal_immutable is not None:
+                size = rec.equal_immutable._rec.md.size
+            info = self._usage_info(rec.info(), 0, size=size or 0, shared=False)
+            rec.dead = True
+            if rec.equal_immutable is not None:
+                rec.equal_immutable._rec.remove(remove_snapshot=False)
+            rec.remove(remove_snapshot=True)
+        return info
+
+    def _free_bytes(self) -> int:
+        """Free bytes on the file system that holds the snapshotter's data."""
+        plugins = {p.id: p for p in self._client.introspection.snapshotters()}
+        root = (
+            plugins[self.snapshotter].exports.get("root", "") if self.snapshotter in plugins else ""
+        )
+        try:
+            st = os.statvfs(root)
+        except OSError as err:
+            raise CacheError(
+                f"cannot measure the free space of containerd's root {root!r}: {err}"
+            ) from None
+        return st.f_bavail * st.f_frsize
+
+
+def keep_bytes_for(
+    total: int,
+    free: int,
+    *,
+    reserved_space: int,
+    max_used_space: int,
+    min_free_space: int,
+) -> int:
+    """BuildKit's free-space arithmetic: how many bytes of cache a prune may keep (0: no cap).
+
+    Keep at most `max_used_space`; less if the file system has under `min_free_space` free
+    (by the shortfall); never less than `reserved_space`. With only `min_free_space` set and
+    enough free space, everything is kept.
+    """
+    if not (max_used_space or reserved_space or min_free_space):
+        return 0
+    keep = max_used_space
+    excess = min_free_space - free
+    if excess > 0:
+        keep = total - excess if keep == 0 else min(keep, total - excess)
+    elif min_free_space and keep == 0:
+        keep = total
+    return max(keep, reserved_space)
+
+
+def _age(entry: _UsageEntry) -> tuple[datetime, str]:
+    return (entry.info.created_at or datetime.min.replace(tzinfo=UTC), entry.info.id)
 
 
 def _shares_data_with_listed_twin(rec: _Record) -> bool:
@@ -858,7 +997,3 @@ def _adaptor(info: UsageInfo) -> filters.Adaptor:
             "private": ("", not info.shared),
         }
     )
-
-
-def _replace_size(info: UsageInfo, size: int) -> UsageInfo:
-    return replace(info, size=size)

@@ -84,9 +84,17 @@ class PrunePolicy:
     frontend and shared records stay too. `filters` (containerd's filter syntax, several
     strings ORed) narrow the candidates; `keep_duration` keeps records used within it;
     `keep_bytes` removes the least recently used records only until the total fits.
+
+    BuildKit's later free-space policy (bytes, 0 = unset), measured on the file system that
+    holds containerd's snapshots: keep at most `max_used_space`; remove more while that file
+    system has less than `min_free_space` free; never go below `reserved_space` (which
+    `keep_bytes` joins when both are given).
     """
 
     filters: Sequence[str] = ()
     all: bool = False
     keep_duration: timedelta | None = None
     keep_bytes: int = 0
+    reserved_space: int = 0
+    max_used_space: int = 0
+    min_free_space: int = 0

@@ -16,12 +16,14 @@ from ..errors import InvalidError, NotFoundError, UnavailableError
 from ._transport import Transport, normalize_address, validate_namespace
 from .content import ContentReader, ContentService, ContentWriter
 from .diff import DiffService
+from .images import ImagesService
 from .introspection import IntrospectionService, NamespacesService, VersionService
 from .leases import LeasesService
 from .snapshots import SnapshotsService
 from .types import (
     ContentInfo,
     Descriptor,
+    Image,
     IngestStatus,
     Lease,
     LeaseResource,
@@ -44,6 +46,8 @@ __all__ = [
     "ContentWriter",
     "Descriptor",
     "DiffService",
+    "Image",
+    "ImagesService",
     "IngestStatus",
     "IntrospectionService",
     "Lease",
@@ -103,6 +107,7 @@ class Client:
         self.content = ContentService(self._t)
         self.leases = LeasesService(self._t)
         self.diff = DiffService(self._t)
+        self.images = ImagesService(self._t)
         self.version = VersionService(self._t)
         self.introspection = IntrospectionService(self._t)
         self.namespaces = NamespacesService(self._t)

@@ -157,6 +157,16 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class Image:
+    """A name in containerd's image store and the content it roots."""
+
+    name: str
+    target: Descriptor
+    created_at: datetime | None
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True)
 class Namespace:
     name: str
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
