@@ -30,6 +30,7 @@ from pyctrd_cache import (
     Manager,
     Mount,
     PrunePolicy,
+    RecordType,
     UnimplementedError,
 )
 from pyctrd_cache.client import Client
@@ -237,7 +238,64 @@ def _uncompressed_size(client: Client, digest: str) -> int:
     )
 
 
-BENCHES = {"core": bench_core, "remote": bench_remote}
+def _probe_gets(cm: Manager, record_id: str, done: threading.Event, out: list[float]) -> None:
+    while not done.is_set():
+        started = time.perf_counter()
+        cm.get(record_id, update_last_used=False).release()
+        out.append(time.perf_counter() - started)
+        time.sleep(0.001)
+
+
+def bench_usage(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """disk_usage and prune at 1,000 and 10,000 records, and get latency during a prune."""
+    del cycles, rounds
+    rows: list[Row] = []
+    times: dict[tuple[str, int], float] = {}
+    for count in (1000, 10000):
+        cm = Manager.open(address, namespace=f"bench-du-{count}", state_dir=work / f"du-{count}")
+        keep = cm.new(cache_policy=CachePolicy.RETAIN, record_type=RecordType.INTERNAL)
+        keep_id = keep.id
+        keep.release()
+        for _ in range(count):
+            cm.new(cache_policy=CachePolicy.RETAIN).release()
+        for label in ("du (sizes computed)", "du (sizes cached)"):
+            started = time.perf_counter()
+            cm.disk_usage()
+            times[(label, count)] = time.perf_counter() - started
+        latencies: list[float] = []
+        done = threading.Event()
+        prober = threading.Thread(target=_probe_gets, args=(cm, keep_id, done, latencies))
+        prober.start()
+        started = time.perf_counter()
+        cm.prune()
+        times[("prune", count)] = time.perf_counter() - started
+        done.set()
+        prober.join()
+        if count == 1000:
+            latencies.sort()
+            rows.append(
+                Row(
+                    "get during a 1,000-record prune",
+                    f"{latencies[-1] * 1000:.1f} ms worst",
+                    f"median {statistics.median(latencies) * 1000:.2f} ms over "
+                    f"{len(latencies)} gets; bound 50 ms",
+                )
+            )
+        cm.prune(PrunePolicy(all=True))
+        cm.close()
+    for label in ("du (sizes computed)", "du (sizes cached)", "prune"):
+        small, large = times[(label, 1000)], times[(label, 10000)]
+        rows.append(
+            Row(
+                f"{label}, 1k / 10k records",
+                f"{small:.2f} s / {large:.2f} s",
+                f"growth {large / small:.1f}x for 10x the records",
+            )
+        )
+    return rows
+
+
+BENCHES = {"core": bench_core, "remote": bench_remote, "usage": bench_usage}
 
 
 def main() -> None:
