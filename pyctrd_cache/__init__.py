@@ -22,9 +22,10 @@ from .errors import (
     UnimplementedError,
 )
 from .manager import Manager
+from .oci import export_layout, import_path, pull_layout
 from .refs import ImmutableRef, MutableRef, Ref
 from .remote import DescHandler, OCILayoutProvider, ProgressEvent, Provider, Remote
-from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
+from .types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 
 __all__ = [
     "AlreadyExistsError",
@@ -49,6 +50,7 @@ __all__ = [
     "ProgressEvent",
     "Provider",
     "PrunePolicy",
+    "RecordStatus",
     "RecordType",
     "Ref",
     "RefInfo",
@@ -56,4 +58,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "UsageInfo",
+    "export_layout",
+    "import_path",
+    "pull_layout",
 ]

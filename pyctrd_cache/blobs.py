@@ -15,13 +15,14 @@ import contextlib
 import hashlib
 import io
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
-from .client import Client, Descriptor, LeaseResource
+from .client import Client, ContentWriter, Descriptor, LeaseResource
 from .compression import (
     OCI_LAYER,
     Compression,
@@ -63,6 +64,7 @@ ESTARGZ_ANNOTATIONS: Final = (
     "io.containers.estargz.uncompressed-size",
 )
 _CHUNK: Final = 1 << 20
+_REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
 
 T = TypeVar("T")
 
@@ -545,25 +547,34 @@ def _create_blob(
         raise NoBlobsError(f"record {rec.id} has no blob")
     cm = rec.cm
     sn = leased.snapshots(cm.snapshotter)
+    views: list[str] = []
     lower = []
-    if rec.parent is not None:
-        extract(rec.parent)
-        lower = sn.view(f"diff-lower-{cm.new_id()}", rec.parent._rec.md.snapshot_id)
-    with rec.mu:
-        if rec.equal_mutable is not None:
-            upper = readonly_mounts(sn.mounts(rec.equal_mutable._rec.md.snapshot_id))
-        else:
-            upper = sn.view(f"diff-upper-{cm.new_id()}", rec.md.snapshot_id)
-    media_type = media_type_for(compression)
-    fell_back = False
     try:
-        desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
-    except UnimplementedError:
-        if compression is not Compression.ZSTD:
-            raise
-        fell_back = True
-        media_type = media_type_for(Compression.GZIP)
-        desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+        if rec.parent is not None:
+            extract(rec.parent)
+            views.append(f"diff-lower-{cm.new_id()}")
+            lower = sn.view(views[-1], rec.parent._rec.md.snapshot_id)
+        with rec.mu:
+            if rec.equal_mutable is not None:
+                upper = readonly_mounts(sn.mounts(rec.equal_mutable._rec.md.snapshot_id))
+            else:
+                views.append(f"diff-upper-{cm.new_id()}")
+                upper = sn.view(views[-1], rec.md.snapshot_id)
+        media_type = media_type_for(compression)
+        fell_back = False
+        try:
+            desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+        except UnimplementedError:
+            if compression is not Compression.ZSTD:
+                raise
+            fell_back = True
+            media_type = media_type_for(Compression.GZIP)
+            desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+    finally:
+        # Views go at once, so that no snapshot outlives the work as a child of the chain's.
+        for view in views:
+            with contextlib.suppress(CacheError):
+                sn.remove(view)
     labels = leased.content.info(desc.digest).labels
     diff_id = labels.get(UNCOMPRESSED_LABEL) or (desc.digest if media_type == OCI_LAYER else "")
     if not diff_id:
@@ -593,6 +604,28 @@ def ensure_compression(
         add_compression_blob(rec, variant, compression)
 
     cm._flight.do(f"compress-{rec.id}-{compression.value}", ensure)
+
+
+def commit_written(
+    leased: Client, writer: ContentWriter, *, size: int, digest: str, labels: Mapping[str, str]
+) -> None:
+    """Commits what was written, whose digest the caller computed as it wrote.
+
+    The commit names no expected digest: when the blob is already in the namespace,
+    containerd then answers "already exists" after committing, with the blob added to the
+    lease of the call (with an expected digest it would refuse before, leaving an unleased
+    blob to the collector). The labels are set on an existing blob too.
+    """
+    try:
+        committed = writer.commit(size=size, expected="", labels=labels)
+    except AlreadyExistsError:
+        if labels:
+            leased.content.update_labels(digest, labels)
+        return
+    if committed != digest:
+        raise CacheError(
+            f"containerd committed {committed}, but the bytes written hash to {digest}"
+        )
 
 
 def convert(
@@ -632,8 +665,7 @@ def convert(
                 )
             digest = "sha256:" + compressed.hexdigest()
             labels = {} if target is Compression.UNCOMPRESSED else {UNCOMPRESSED_LABEL: diff_id}
-            with contextlib.suppress(AlreadyExistsError):
-                writer.commit(size=size, expected=digest, labels=labels)
+            commit_written(leased, writer, size=size, digest=digest, labels=labels)
         except BaseException:
             writer.close()
             with contextlib.suppress(CacheError):
@@ -648,7 +680,9 @@ def _with_distribution_sources(desc: Descriptor, image_refs: Sequence[str]) -> D
     annotations = dict(desc.annotations)
     for image_ref in image_refs:
         host, _, rest = image_ref.partition("/")
-        if not rest or not ("." in host or ":" in host or host == "localhost"):
+        if not rest or not _REGISTRY_HOST.match(host):
+            continue
+        if not ("." in host or ":" in host or host == "localhost"):
             continue
         repository = rest.split("@", 1)[0].rsplit(":", 1)[0] if ":" in rest else rest.split("@")[0]
         key = DISTRIBUTION_SOURCE_PREFIX + host.split(":")[0]
@@ -729,8 +763,7 @@ def _write_layer(
                 writer.write(chunk)
                 chunk = stream.read(_CHUNK)
             expected = "sha256:" + digest.hexdigest()
-            with contextlib.suppress(AlreadyExistsError):
-                writer.commit(size=size, expected=expected)
+            commit_written(leased, writer, size=size, digest=expected, labels={})
         except BaseException:
             writer.close()
             with contextlib.suppress(CacheError):

@@ -1,35 +1,139 @@
 """The `pyctrd-cache` command.
 
-Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback), 2 usage.
+Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback), 2 usage
+(one line on stderr), 130 interrupted.
+
+Sizes print in decimal units and ages in words, as `buildctl du` prints them; JSON output
+gives sizes in bytes and times in RFC 3339 (UTC), with the same keys every time.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import enum
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Final, NoReturn
 
+from . import filters
+from ._progress import human_duration, human_size, progress_bar
 from .client import DEFAULT_ADDRESS, Client, validate_namespace
+from .compression import Compression
 from .embedded import EmbeddedContainerd
 from .errors import CacheError, UnavailableError
-from .manager import DEFAULT_NAMESPACE, default_state_dir
+from .manager import DEFAULT_NAMESPACE, Manager, default_state_dir
+from .types import CachePolicy, PrunePolicy, UsageInfo
+
+if TYPE_CHECKING:
+    from .refs import ImmutableRef
 
 PROG: Final = "pyctrd-cache"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="BuildKit's layer cache manager on a real containerd."
+def one_line(message: str) -> str:
+    """The message's non-empty lines, stripped and joined with "; "."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
+
+
+_SIZE_RE: Final = re.compile(
+    r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<prefix>[kmgtpe]?)(?P<binary>i?)(?P<b>b?)\s*",
+    re.IGNORECASE,
+)
+_SIZE_PREFIXES: Final = "kmgtpe"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `100`, `100B`, `10GB`, `10g` (decimal: powers of 1000), `512MiB`, `512Ki`
+    (binary: powers of 1024), in any case; fractions of a byte are dropped.
+
+    `ValueError` on anything else.
+    """
+    m = _SIZE_RE.fullmatch(text)
+    if m is None or (m["binary"] and not m["prefix"]):
+        raise ValueError(f"invalid size {text!r} (expected bytes, or e.g. 10GB, 512MiB, 1.5g)")
+    power = _SIZE_PREFIXES.index(m["prefix"].lower()) + 1 if m["prefix"] else 0
+    base = 1024 if m["binary"] else 1000
+    return int(Decimal(m["number"]) * base**power)
+
+
+_DURATION_UNITS: Final = {
+    "ns": Decimal("1e-9"),
+    "us": Decimal("1e-6"),
+    "µs": Decimal("1e-6"),
+    "ms": Decimal("1e-3"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),
+    "w": Decimal(7 * 86400),
+}
+_DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d|w)")
+_DURATION_RE: Final = re.compile(f"(?:{_DURATION_PART_RE.pattern})+")
+
+
+def parse_duration(text: str) -> timedelta:
+    """A duration in Go's notation plus days and weeks: `48h`, `30m`, `90s`, `1h30m`, `2d`,
+    `1.5h`, `1w`; units are lowercase; a bare `0` is zero.
+
+    `ValueError` on anything else.
+    """
+    if text == "0":
+        return timedelta(0)
+    if _DURATION_RE.fullmatch(text) is None:
+        raise ValueError(
+            f"invalid duration {text!r} (expected e.g. 48h, 30m, 90s, 1h30m, 2d; "
+            "units ns, us, ms, s, m, h, d, w)"
+        )
+    seconds = sum(
+        (Decimal(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART_RE.findall(text)),
+        Decimal(0),
     )
+    try:
+        return timedelta(seconds=float(seconds))
+    except OverflowError:
+        raise ValueError(f"invalid duration {text!r} (too long)") from None
+
+
+def _argument_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def split_layout(text: str) -> tuple[str, str | None]:
+    """`LAYOUT[:TAG]`: split at the last ':' only when what follows it has no '/', since a
+    path may contain ':'. An empty tag is no tag."""
+    path, sep, tag = text.rpartition(":")
+    if not sep or "/" in tag or not path:
+        return text, None
+    return path, tag or None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="BuildKit's layer cache manager on a real containerd.")
     parser.add_argument(
         "--address",
         help="containerd socket (default: $CONTAINERD_ADDRESS, else " + DEFAULT_ADDRESS + ")",
@@ -44,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=pathlib.Path,
         default=default_state_dir(),
-        help="metadata and embedded daemon directory (default: %(default)s)",
+        help="metadata store (STATE_DIR/cache) and embedded daemon (STATE_DIR/containerd) "
+        "directory (default: %(default)s)",
     )
     parser.add_argument(
         "--embedded",
@@ -57,10 +162,85 @@ def _parser() -> argparse.ArgumentParser:
         help="the containerd the embedded daemon runs (default: %(default)s)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     info = commands.add_parser("info", help="the daemon's version and snapshotters")
-    info.add_argument("--format", choices=["table", "json"], default="table")
+    _format_option(info)
+
+    du = commands.add_parser("du", help="disk usage, one row per record, and totals")
+    du.add_argument("-v", "--verbose", action="store_true", help="every field of every record")
+    _filter_option(du)
+    _format_option(du)
+
+    prune = commands.add_parser("prune", help="remove unused records and list what was freed")
+    prune.add_argument(
+        "--all", action="store_true", help="internal, frontend and shared records too"
+    )
+    prune.add_argument(
+        "--keep-duration",
+        type=_argument_type(parse_duration),
+        metavar="DURATION",
+        help="keep records used within this long (e.g. 48h, 1h30m, 2d)",
+    )
+    prune.add_argument(
+        "--keep-storage",
+        type=_argument_type(parse_size),
+        default=0,
+        metavar="SIZE",
+        help="remove least recently used records only until the total fits "
+        "(e.g. 10GB, 512MiB; decimal and binary units)",
+    )
+    _filter_option(prune)
+    _format_option(prune)
+
+    commands.add_parser("ls", help="one line per record: id, size (- if not measured yet), use")
+    inspect = commands.add_parser("inspect", help="one record's metadata as JSON")
+    inspect.add_argument("id", metavar="ID")
+
+    import_ = commands.add_parser(
+        "import", help="a directory or a tar (plain, gzip, zstd) becomes a committed record"
+    )
+    import_.add_argument("path", type=pathlib.Path, metavar="PATH")
+    import_.add_argument("--parent", metavar="ID", help="the record to build on")
+    import_.add_argument("--description", metavar="D")
+    import_.add_argument(
+        "--retain", action="store_true", help="cache policy RETAIN instead of DEFAULT"
+    )
+
+    export = commands.add_parser("export", help="write a record's chain as an OCI image layout")
+    export.add_argument("id", metavar="ID")
+    export.add_argument("--oci-layout", type=pathlib.Path, required=True, metavar="DIR")
+    export.add_argument(
+        "--compression", choices=[c.value for c in Compression], default=Compression.GZIP.value
+    )
+    export.add_argument(
+        "--force-compression",
+        action="store_true",
+        help="convert layers whose blobs use another compression",
+    )
+    export.add_argument("--tag", metavar="T")
+
+    pull = commands.add_parser(
+        "pull", help="register an OCI layout's layers as (lazy) records; prints the top one"
+    )
+    pull.add_argument("layout", metavar="LAYOUT[:TAG]")
+    pull.add_argument("--extract", action="store_true", help="pull and unpack the layers now")
+
     commands.add_parser("containerd", help="run the embedded containerd in the foreground")
     return parser
+
+
+def _format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["table", "json"], default="table")
+
+
+def _filter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--filter",
+        action="append",
+        metavar="F",
+        help="containerd filter (id, parents, description, inuse, mutable, immutable, type, "
+        "shared, private); clauses joined by ',' are ANDed, repeated filters are ORed",
+    )
 
 
 @dataclass(frozen=True)
@@ -109,6 +289,143 @@ def _target(args: argparse.Namespace) -> Iterator[Target]:
         yield Target(daemon.address, embedded=True)
 
 
+@contextlib.contextmanager
+def _manager(args: argparse.Namespace) -> Iterator[Manager]:
+    """The cache manager on the command's daemon; its metadata store is STATE_DIR/cache."""
+    with (
+        _target(args) as target,
+        Manager.open(
+            target.address,
+            namespace=args.namespace,
+            snapshotter=args.snapshotter,
+            state_dir=args.state_dir / "cache",
+        ) as cm,
+    ):
+        yield cm
+
+
+# Output helpers.
+
+
+def _rfc3339(when: datetime | None) -> str | None:
+    if when is None:
+        return None
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _jsonable(value: object) -> object:
+    """Dataclasses as objects, enums by value, datetimes in RFC 3339, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return _rfc3339(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _usage_json(u: UsageInfo) -> dict[str, object]:
+    return {
+        "id": u.id,
+        "mutable": u.mutable,
+        "in_use": u.in_use,
+        "size": u.size,
+        "parents": list(u.parents),
+        "created_at": _rfc3339(u.created_at),
+        "last_used_at": _rfc3339(u.last_used_at),
+        "usage_count": u.usage_count,
+        "description": u.description,
+        "record_type": u.record_type.value,
+        "shared": u.shared,
+    }
+
+
+def _print_json(document: object) -> None:
+    print(json.dumps(document, indent=2))
+
+
+def _by_creation(created_at: datetime | None, record_id: str) -> tuple[float, str]:
+    return (created_at.timestamp() if created_at else 0.0, record_id)
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return ""
+    return human_duration(datetime.now(UTC) - when) + " ago"
+
+
+def _printable(text: str) -> str:
+    """`text` with control and other unprintable characters escaped, so it stays on one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+_ROW: Final = "{:<27}{:<13}{:<11}{}"
+
+
+def _table_header() -> str:
+    return _ROW.format("ID", "RECLAIMABLE", "SIZE", "LAST ACCESSED")
+
+
+def _table_row(u: UsageInfo) -> str:
+    """A `buildctl du` row: a mutable record's id and a shared record's size end in '*'."""
+    return _ROW.format(
+        u.id + ("*" if u.mutable else ""),
+        _bool(not u.in_use),
+        human_size(u.size) + ("*" if u.shared else ""),
+        _ago(u.last_used_at),
+    ).rstrip()
+
+
+def _key_value(key: str, value: object) -> str:
+    return f"{key + ':':<16}{value}".rstrip()
+
+
+def _verbose_block(u: UsageInfo) -> list[str]:
+    return [
+        _key_value("ID", u.id),
+        _key_value("Parents", ";".join(u.parents)),
+        _key_value("Created at", _rfc3339(u.created_at) or ""),
+        _key_value("Mutable", _bool(u.mutable)),
+        _key_value("Reclaimable", _bool(not u.in_use)),
+        _key_value("Shared", _bool(u.shared)),
+        _key_value("Size", human_size(u.size)),
+        _key_value("Description", _printable(u.description)),
+        _key_value("Usage count", u.usage_count),
+        _key_value("Last used", _ago(u.last_used_at)),
+        _key_value("Type", u.record_type.value),
+        "",
+    ]
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """`buildctl du`'s summary: sizes of every record, of the unused, of the shared ones."""
+
+    total: int
+    reclaimable: int
+    shared: int
+
+    @classmethod
+    def of(cls, usage: Sequence[UsageInfo]) -> _Totals:
+        measured = [u for u in usage if u.size > 0]
+        return cls(
+            total=sum(u.size for u in measured),
+            reclaimable=sum(u.size for u in measured if not u.in_use),
+            shared=sum(u.size for u in measured if u.shared),
+        )
+
+
+# Commands.
+
+
 def _info(args: argparse.Namespace) -> int:
     with _target(args) as target, Client(target.address, namespace=args.namespace) as client:
         version = client.check(snapshotter=args.snapshotter)
@@ -124,13 +441,154 @@ def _info(args: argparse.Namespace) -> int:
                 "snapshotter": args.snapshotter,
                 "snapshotters": usable,
             }
-            print(json.dumps(document, indent=2))
+            _print_json(document)
         else:
             revision = f" (revision {version.revision})" if version.revision else ""
             print(f"containerd {version.version}{revision} at {target.address}")
             print(f"namespace:    {args.namespace}")
             marked = [f"{s} (in use)" if s == args.snapshotter else s for s in usable]
             print(f"snapshotters: {', '.join(marked)}")
+    return 0
+
+
+def _du(args: argparse.Namespace) -> int:
+    filter_strings = args.filter or []
+    filters.parse_all(*filter_strings)
+    with _manager(args) as cm:
+        usage = sorted(
+            cm.disk_usage(filters=filter_strings), key=lambda u: _by_creation(u.created_at, u.id)
+        )
+        metadata_size = cm.metadata_size()
+    totals = _Totals.of(usage)
+    if args.format == "json":
+        _print_json(
+            {
+                "records": [_usage_json(u) for u in usage],
+                "total": totals.total,
+                "reclaimable": totals.reclaimable,
+                "shared": totals.shared,
+                "metadata_size": metadata_size,
+            }
+        )
+        return 0
+    if args.verbose:
+        lines = [line for u in usage for line in _verbose_block(u)]
+    else:
+        lines = [_table_header(), *(_table_row(u) for u in usage), ""]
+    lines += [
+        _key_value("Shared", human_size(totals.shared)),
+        _key_value("Private", human_size(totals.total - totals.shared)),
+        _key_value("Reclaimable", human_size(totals.reclaimable)),
+        _key_value("Total", human_size(totals.total)),
+        _key_value("Metadata store", human_size(metadata_size)),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """Lists the removed records in the order they went (children before parents)."""
+    filter_strings = args.filter or []
+    filters.parse_all(*filter_strings)
+    policy = PrunePolicy(
+        filters=tuple(filter_strings),
+        all=args.all,
+        keep_duration=args.keep_duration,
+        keep_bytes=args.keep_storage,
+    )
+    table = args.format == "table"
+    printed = False
+
+    def show(info: UsageInfo) -> None:
+        nonlocal printed
+        if not printed:
+            print(_table_header())
+            printed = True
+        print(_table_row(info), flush=True)
+
+    with _manager(args) as cm:
+        removed = cm.prune(policy, on_removed=show if table else None)
+    total = sum(u.size for u in removed if u.size > 0)
+    if table:
+        print(_key_value("Total", human_size(total)))
+    else:
+        _print_json({"removed": [_usage_json(u) for u in removed], "total": total})
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _manager(args) as cm:
+        records = cm.records()
+    for record in records:
+        info = record.info
+        size = human_size(info.size) if info.size is not None else "-"
+        use = "in-use" if record.in_use else "unused"
+        print(f"{info.id:<27}{size:<11}{use:<8}{_printable(info.description)}".rstrip())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with _manager(args) as cm:
+        info = cm.info(args.id)
+    _print_json(_jsonable(info))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from . import oci
+
+    policy = CachePolicy.RETAIN if args.retain else CachePolicy.DEFAULT
+    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
+        parent: ImmutableRef | None = None
+        if args.parent:
+            parent = cm.get(args.parent)
+        try:
+            ref = oci.import_path(
+                cm,
+                args.path,
+                parent=parent,
+                description=args.description,
+                cache_policy=policy,
+                progress=progress,
+            )
+        finally:
+            if parent is not None:
+                parent.release()
+        record_id = ref.id
+        ref.release()
+    print(record_id)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import oci
+
+    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
+        ref = cm.get(args.id)
+        try:
+            manifest = oci.export_layout(
+                ref,
+                args.oci_layout,
+                compression=Compression(args.compression),
+                force_compression=args.force_compression,
+                tag=args.tag,
+                progress=progress,
+            )
+        finally:
+            ref.release()
+    print(manifest.digest)
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import oci
+
+    layout, tag = split_layout(args.layout)
+    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
+        ref = oci.pull_layout(cm, layout, tag, extract=args.extract, progress=progress)
+        record_id = ref.id
+        ref.release()
+    print(record_id)
     return 0
 
 
@@ -151,7 +609,22 @@ def _containerd(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: Final = {"info": _info, "containerd": _containerd}
+COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
+    "info": _info,
+    "du": _du,
+    "prune": _prune,
+    "ls": _ls,
+    "inspect": _inspect,
+    "import": _import,
+    "export": _export,
+    "pull": _pull,
+    "containerd": _containerd,
+}
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,8 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_namespace(args.namespace)
         return COMMANDS[args.command](args)
     except CacheError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return _fail(str(err))
+    except BrokenPipeError:
+        # The reader went away (`pyctrd-cache ls | head`): nothing more can be written.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as err:
+        if err.filename is not None:
+            return _fail(f"{err.strerror or err}: {err.filename}")
+        return _fail(str(err))
     except KeyboardInterrupt:
         return 130
 

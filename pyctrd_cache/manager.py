@@ -38,7 +38,7 @@ from .metadata import MetadataStore, RecordMeta
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
 from .remote import DescHandlers
 from .shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
-from .types import CachePolicy, PrunePolicy, RecordType, RefInfo, UsageInfo
+from .types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
 
@@ -672,6 +672,22 @@ class Manager:
         infos = [i for i in infos if match.match(_adaptor(i))]
         infos.sort(key=lambda i: (i.created_at.timestamp() if i.created_at else 0.0, i.id))
         return infos
+
+    def records(self) -> list[RecordStatus]:
+        """The records a usage report lists, oldest first, without measuring sizes or
+        taking handles."""
+        self._check_open()
+        entries = sorted(self._usage_entries().values(), key=_age)
+        return [RecordStatus(e.info, e.refs > 0) for e in entries]
+
+    def info(self, record_id: str) -> RefInfo:
+        """A record's metadata without taking a handle: a mutable record is not committed
+        and a lazy one needs no provider. `NotFoundError` for an unknown or removed one."""
+        with self._mu:
+            self._check_open()
+            rec = self._get_record(record_id)
+            with rec.mu:
+                return rec.info()
 
     def metadata_size(self) -> int:
         """Bytes the metadata store takes on disk (moby/buildkit#4218)."""

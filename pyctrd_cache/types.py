@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-__all__ = ["CachePolicy", "PrunePolicy", "RecordType", "RefInfo", "UsageInfo"]
+__all__ = ["CachePolicy", "PrunePolicy", "RecordStatus", "RecordType", "RefInfo", "UsageInfo"]
 
 
 class CachePolicy(enum.Enum):
@@ -57,6 +57,15 @@ class RefInfo:
     layer_type: str
     cache_policy: CachePolicy
     image_refs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordStatus:
+    """A record's metadata and whether it is in use (a handle on it, or on a record built on
+    it, is open)."""
+
+    info: RefInfo
+    in_use: bool
 
 
 @dataclass(frozen=True)

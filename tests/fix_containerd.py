@@ -111,8 +111,10 @@ def namespace(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[str]:
 
 def clean_namespace(client: Client) -> None:
     """Removes everything the test left in the client's namespace, then the namespace."""
-    for lease in client.leases.list():
-        client.leases.delete(lease.id)
+    leases = client.leases.list()
+    for i, lease in enumerate(leases):
+        # The last deletion waits for a collection, so leased views and ingests are gone.
+        client.leases.delete(lease.id, sync=i == len(leases) - 1)
     for status in client.content.list_statuses():
         client.content.abort(status.ref)
     snapshots = client.snapshots(SNAPSHOTTER)

@@ -1,0 +1,863 @@
+"""OCI image layouts and local trees in and out of the cache: `export_layout` writes a
+record's chain as an OCI image layout, `pull_layout` registers a layout's layers as (lazy)
+records, and `import_path` turns a directory or a layer tar into a committed record.
+
+A layout written here is what skopeo and umoci expect: `oci-layout`, content-addressed
+blobs under `blobs/<algorithm>/<hex>`, an OCI image manifest and config, and `index.json`
+naming the manifest with `org.opencontainers.image.ref.name`. Blobs and `index.json` are
+written to a temporary file in the same directory and renamed into place, so a reader (or a
+crash) never sees half a file; `index.json` is changed under an exclusive `flock` on the
+layout directory, so concurrent exports into one layout keep each other's tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import pathlib
+import platform
+import re
+import stat
+import tarfile
+import tempfile
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, Final, Literal
+
+import zstandard
+
+from .blobs import CREATED_AT_ANNOTATION, DISTRIBUTION_SOURCE_PREFIX, UNCOMPRESSED_LABEL
+from .client import Descriptor
+from .compression import Compression, from_media_type, parse_digest
+from .errors import CacheError, InvalidError, NotFoundError
+from .manager import Manager
+from .refs import ImmutableRef, MutableRef
+from .remote import DescHandler, OCILayoutProvider, ProgressCallback, ProgressEvent
+from .types import CachePolicy, PrunePolicy
+
+__all__ = ["export_layout", "import_path", "machine_platform", "pull_layout"]
+
+OCI_LAYOUT_VERSION: Final = "1.0.0"
+OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG: Final = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
+REF_NAME: Final = "org.opencontainers.image.ref.name"
+HISTORY_COMMENT: Final = "pyctrd-cache.exporter.oci.v0"
+
+_INDEXES: Final = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+_MANIFESTS: Final = (OCI_MANIFEST, DOCKER_MANIFEST)
+_CHUNK: Final = 1 << 20
+_MAX_JSON: Final = 16 << 20
+"""The largest index, manifest or config blob read into memory."""
+_MAX_NESTING: Final = 8
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+_BZIP2_MAGIC: Final = b"BZh"
+_XZ_MAGIC: Final = b"\xfd7zXZ\x00"
+# The image-layout spec's grammar for ref.name: components of alphanumerics joined by
+# separators, the components joined by "/".
+_COMPONENT: Final = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_REF_NAME_RE: Final = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_GO_ARCH: Final = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armv6l": "arm",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+
+
+# The platform of this machine, as OCI spells it.
+
+
+def machine_platform() -> dict[str, str]:
+    """`os`, `architecture` (and `variant` for arm) of this machine, as in an OCI config."""
+    machine = platform.machine().lower()
+    out = {"os": "linux", "architecture": _GO_ARCH.get(machine, machine)}
+    if machine.startswith("armv") and machine[4:5].isdigit():
+        out["variant"] = "v" + machine[4]
+    return out
+
+
+def _platform_matches(wanted: Mapping[str, str], candidate: Any) -> bool:
+    if not isinstance(candidate, Mapping):
+        return False
+    if candidate.get("os") != wanted["os"]:
+        return False
+    if candidate.get("architecture") != wanted["architecture"]:
+        return False
+    variant = candidate.get("variant") or ""
+    if wanted["architecture"] == "arm64":
+        return variant in ("", "v8")
+    return not variant or variant == wanted.get("variant", "")
+
+
+def _notify(progress: ProgressCallback | None, event: ProgressEvent) -> None:
+    if progress is not None:
+        progress(event)
+
+
+# Writing layouts.
+
+
+def export_layout(
+    ref: ImmutableRef,
+    layout: str | os.PathLike[str],
+    *,
+    compression: Compression = Compression.GZIP,
+    force_compression: bool = False,
+    tag: str | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> Descriptor:
+    """Writes the record's chain as an OCI image layout; returns the manifest's descriptor.
+
+    The layer blobs come from `ref.get_remote(compression=..., force_compression=...)`
+    (made by containerd's diff service when needed), parent first. Blobs already in the
+    layout with the right size are kept. The manifest replaces the one of the same `tag`
+    (default `latest`) in `index.json`; other tags stay, and the old manifest's blobs are
+    left in place. `progress` hears `start`, `bytes` and `end` for every layer blob.
+    """
+    name = _check_tag("latest" if tag is None else tag)
+    root = pathlib.Path(layout)
+    _check_layout(root)
+    remote = ref.get_remote(compression=compression, force_compression=force_compression)
+    _prepare_layout(root)
+    history = _history(ref, len(remote.descriptors))
+    layers: list[Descriptor] = []
+    for desc in remote.descriptors:
+        _write_stream_blob(root, desc, lambda desc=desc: remote.provider.open(desc), progress)  # type: ignore[misc]
+        layers.append(
+            Descriptor(desc.media_type, desc.digest, desc.size, _manifest_annotations(desc))
+        )
+    diff_ids = [_diff_id(desc) for desc in remote.descriptors]
+    config: dict[str, Any] = {
+        **({"created": history[-1]["created"]} if history else {}),
+        **machine_platform(),
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+    }
+    config_desc = _write_json_blob(root, OCI_CONFIG, config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config_desc.to_oci(),
+        "layers": [d.to_oci() for d in layers],
+    }
+    manifest_desc = _write_json_blob(root, OCI_MANIFEST, manifest)
+    named = Descriptor(OCI_MANIFEST, manifest_desc.digest, manifest_desc.size, {REF_NAME: name})
+    with _layout_lock(root):
+        index = _read_index(root)
+        entries = [
+            m
+            for m in index.get("manifests") or []
+            if not (isinstance(m, Mapping) and (m.get("annotations") or {}).get(REF_NAME) == name)
+        ]
+        entries.append(named.to_oci())
+        index = {
+            **index,
+            "schemaVersion": 2,
+            "mediaType": index.get("mediaType") or OCI_INDEX,
+            "manifests": entries,
+        }
+        _atomic_write(root / "index.json", _json_bytes(index, indent=True))
+    return named
+
+
+def _check_tag(tag: str) -> str:
+    if not _REF_NAME_RE.match(tag):
+        raise InvalidError(f"invalid OCI layout tag {tag!r}")
+    return tag
+
+
+def _check_layout(root: pathlib.Path) -> bool:
+    """Whether `root` is an OCI image layout (of version 1.0.0); `InvalidError` when it is
+    something else than a layout, an empty directory or nothing."""
+    if root.exists() and not root.is_dir():
+        raise InvalidError(f"{root} is not a directory")
+    if (root / "oci-layout").exists():
+        OCILayoutProvider(root)  # checks the version
+        return True
+    if root.is_dir() and any(root.iterdir()):
+        raise InvalidError(f"{root} is not empty and not an OCI image layout")
+    return False
+
+
+def _prepare_layout(root: pathlib.Path) -> None:
+    """Makes `root` an OCI image layout unless it is one."""
+    if not _check_layout(root):
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(root / "oci-layout", _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+
+
+def _manifest_annotations(desc: Descriptor) -> dict[str, str]:
+    """The layer annotations that belong in a manifest: what BuildKit's OCI exporter keeps
+    (it drops the diff id, the record's creation time and the distribution sources)."""
+    return {
+        k: v
+        for k, v in desc.annotations.items()
+        if k not in (UNCOMPRESSED_LABEL, CREATED_AT_ANNOTATION)
+        and not k.startswith(DISTRIBUTION_SOURCE_PREFIX)
+    }
+
+
+def _diff_id(desc: Descriptor) -> str:
+    value = desc.annotations.get(UNCOMPRESSED_LABEL)
+    if not value:
+        raise CacheError(f"layer {desc.digest} has no {UNCOMPRESSED_LABEL} annotation")
+    return value
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _history(ref: ImmutableRef, count: int) -> list[dict[str, Any]]:
+    """One history entry per layer of the chain, parent first: the record's creation time
+    and description."""
+    entries: list[dict[str, Any]] = []
+    current: ImmutableRef | None = ref.clone()
+    try:
+        while current is not None and len(entries) < count:
+            entry: dict[str, Any] = {}
+            if current.created_at is not None:
+                entry["created"] = _rfc3339(current.created_at)
+            if current.description:
+                entry["created_by"] = current.description
+            entry["comment"] = HISTORY_COMMENT
+            entries.append(entry)
+            parent = current.parent()
+            current.release()
+            current = parent
+    finally:
+        if current is not None:
+            current.release()
+    return entries[::-1]
+
+
+def _json_bytes(document: Mapping[str, Any], *, indent: bool = False) -> bytes:
+    if indent:
+        return (json.dumps(document, indent=2) + "\n").encode()
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _blob_path(root: pathlib.Path, digest: str) -> pathlib.Path:
+    algorithm, _, hex_digest = parse_digest(digest).partition(":")
+    return root / "blobs" / algorithm / hex_digest
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Writes `data` to a temporary file next to `path`, syncs it and renames it over."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json_blob(
+    root: pathlib.Path, media_type: str, document: Mapping[str, Any]
+) -> Descriptor:
+    data = _json_bytes(document)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = _blob_path(root, digest)
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size == len(data):
+            return Descriptor(media_type, digest, len(data))
+    _atomic_write(path, data)
+    return Descriptor(media_type, digest, len(data))
+
+
+def _write_stream_blob(
+    root: pathlib.Path,
+    desc: Descriptor,
+    open_blob: Callable[[], BinaryIO],
+    progress: ProgressCallback | None,
+) -> None:
+    """Streams a blob into the layout, checking its size and digest before it is renamed
+    into place; a blob already there with the right size is kept."""
+    path = _blob_path(root, desc.digest)
+    _notify(progress, ProgressEvent("start", desc.digest, 0, desc.size))
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size == desc.size:
+            _notify(progress, ProgressEvent("end", desc.digest, desc.size, desc.size))
+            return
+    algorithm = desc.digest.partition(":")[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}-", suffix=".tmp")
+    try:
+        hasher = hashlib.new(algorithm)
+        size = 0
+        with os.fdopen(fd, "wb") as out, open_blob() as blob:
+            while chunk := blob.read(_CHUNK):
+                size += len(chunk)
+                if size > desc.size:
+                    raise CacheError(f"blob {desc.digest} is larger than its size {desc.size}")
+                hasher.update(chunk)
+                out.write(chunk)
+                _notify(progress, ProgressEvent("bytes", desc.digest, size, desc.size))
+            out.flush()
+            os.fsync(out.fileno())
+        if size != desc.size:
+            raise CacheError(f"blob {desc.digest} has {size} bytes, not {desc.size}")
+        seen = f"{algorithm}:{hasher.hexdigest()}"
+        if seen != desc.digest:
+            raise CacheError(f"blob {desc.digest} has the digest {seen}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _notify(progress, ProgressEvent("end", desc.digest, 0, desc.size, error=err))
+        raise
+    _notify(progress, ProgressEvent("end", desc.digest, desc.size, desc.size))
+
+
+@contextlib.contextmanager
+def _layout_lock(root: pathlib.Path) -> Iterator[None]:
+    """An exclusive `flock` on the layout directory (per open file description, so it
+    orders threads of one process as well as processes)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_index(root: pathlib.Path) -> dict[str, Any]:
+    path = root / "index.json"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    try:
+        index = json.loads(data)
+    except ValueError as err:
+        raise InvalidError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+        raise InvalidError(f"{path} is not an OCI image index")
+    return index
+
+
+# Reading layouts.
+
+
+def pull_layout(
+    cm: Manager,
+    layout: str | os.PathLike[str],
+    tag: str | None = None,
+    *,
+    extract: bool = False,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> ImmutableRef:
+    """Registers the layout's layers as (lazy) records with `get_by_blob` and
+    `OCILayoutProvider` handlers; returns a ref on the top layer (release it).
+
+    `tag` is the manifest's `org.opencontainers.image.ref.name` (or its digest); without
+    one, the layout's only manifest, else `latest`. An image index is followed to the
+    manifest for this machine's platform. A layer's diff id is its
+    `containerd.io/uncompressed` annotation, else the config's `rootfs.diff_ids`. Every
+    layer blob is checked to be in the layout before any record is made; with `extract`
+    the chain is pulled and unpacked. On error, the records this call made are removed.
+    """
+    root = pathlib.Path(os.path.abspath(layout))
+    if not root.is_dir():
+        raise NotFoundError(f"no OCI layout at {root}")
+    provider = OCILayoutProvider(root)
+    index = _read_index(root)
+    name, entry = _select_entry(index, tag, root)
+    manifest_desc, manifest = _resolve_manifest(provider, entry, root)
+    layers = _layer_descriptors(provider, manifest_desc, manifest, root)
+    image_ref = f"oci-layout:{root}:{name}" if name else f"oci-layout:{root}@{manifest_desc.digest}"
+    started = datetime.now(UTC)
+    made: list[str] = []
+    current: ImmutableRef | None = None
+    try:
+        for desc in layers:
+            handler = DescHandler(
+                provider, progress=progress, annotations=dict(desc.annotations), ref=image_ref
+            )
+            ref = cm.get_by_blob(
+                desc, current, desc_handlers={desc.digest: handler}, image_ref=image_ref
+            )
+            if current is not None:
+                current.release()
+            current = ref
+            info = ref.info()
+            if (
+                info.usage_count == 0
+                and info.last_used_at is None
+                and info.created_at is not None
+                and info.created_at >= started
+            ):
+                made.append(ref.id)
+        if current is None:
+            raise InvalidError(f"the manifest {manifest_desc.digest} in {root} has no layers")
+        if extract:
+            current.extract()
+    except BaseException:
+        if current is not None:
+            with contextlib.suppress(CacheError):
+                current.release()
+        _remove_records(cm, made)
+        raise
+    return current
+
+
+def _remove_records(cm: Manager, ids: Sequence[str]) -> None:
+    """Removes records this call made (those nobody else took a handle on meanwhile)."""
+    if ids:
+        with contextlib.suppress(CacheError):
+            cm.prune(PrunePolicy(filters=[f"id=={i}" for i in ids], all=True))
+
+
+def _ref_name(entry: Any) -> str | None:
+    if not isinstance(entry, Mapping):
+        return None
+    annotations = entry.get("annotations")
+    if not isinstance(annotations, Mapping):
+        return None
+    value = annotations.get(REF_NAME)
+    return value if isinstance(value, str) else None
+
+
+def _select_entry(
+    index: Mapping[str, Any], tag: str | None, root: pathlib.Path
+) -> tuple[str, Descriptor]:
+    """The index.json entry for `tag` and the name it goes by."""
+    entries = [e for e in index.get("manifests") or [] if isinstance(e, Mapping)]
+    if tag is None:
+        if len(entries) == 1:
+            return _ref_name(entries[0]) or "", _descriptor(entries[0], root)
+        tag = "latest"
+    candidates = [e for e in entries if _ref_name(e) == tag]
+    if not candidates:
+        candidates = [e for e in entries if e.get("digest") == tag]
+    if not candidates:
+        raise NotFoundError(f"no manifest tagged {tag!r} in the OCI layout {root}")
+    if len(candidates) > 1:
+        wanted = machine_platform()
+        matching = [e for e in candidates if _platform_matches(wanted, e.get("platform"))]
+        candidates = matching or [e for e in candidates if "platform" not in e]
+        if not candidates:
+            raise NotFoundError(
+                f"no manifest tagged {tag!r} for {_platform_name(wanted)} in the OCI layout {root}"
+            )
+    return tag, _descriptor(candidates[0], root)
+
+
+def _platform_name(p: Mapping[str, str]) -> str:
+    return "/".join(v for v in (p["os"], p["architecture"], p.get("variant", "")) if v)
+
+
+def _descriptor(entry: Mapping[str, Any], root: pathlib.Path) -> Descriptor:
+    try:
+        desc = Descriptor.from_oci(entry)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InvalidError(f"malformed descriptor {dict(entry)!r} in {root}: {err}") from None
+    parse_digest(desc.digest, what=f"digest in {root}")
+    if desc.size < 0:
+        raise InvalidError(f"negative size of {desc.digest} in {root}")
+    return desc
+
+
+def _read_json_blob(provider: OCILayoutProvider, desc: Descriptor) -> dict[str, Any]:
+    """An index, manifest or config blob of the layout, checked against its descriptor."""
+    if desc.size > _MAX_JSON:
+        raise InvalidError(f"blob {desc.digest} is too large for a {desc.media_type}")
+    path = provider.blob_path(desc.digest)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"blob {desc.digest} is not in the OCI layout {provider.path}"
+        ) from None
+    algorithm = desc.digest.partition(":")[0]
+    seen = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+    if len(data) != desc.size or seen != desc.digest:
+        raise InvalidError(
+            f"blob {desc.digest} in {provider.path} does not match its descriptor "
+            f"({len(data)} bytes, digest {seen})"
+        )
+    try:
+        document = json.loads(data)
+    except ValueError as err:
+        raise InvalidError(f"blob {desc.digest} is not valid JSON: {err}") from None
+    if not isinstance(document, dict):
+        raise InvalidError(f"blob {desc.digest} is not a JSON object")
+    declared = document.get("mediaType")
+    if declared and desc.media_type in (*_INDEXES, *_MANIFESTS) and declared != desc.media_type:
+        raise InvalidError(
+            f"blob {desc.digest} is a {declared}, but its descriptor says {desc.media_type}"
+        )
+    return document
+
+
+def _resolve_manifest(
+    provider: OCILayoutProvider, desc: Descriptor, root: pathlib.Path
+) -> tuple[Descriptor, dict[str, Any]]:
+    """Follows image indexes down to the image manifest for this machine's platform."""
+    wanted = machine_platform()
+    for _ in range(_MAX_NESTING):
+        if desc.media_type in _MANIFESTS:
+            return desc, _read_json_blob(provider, desc)
+        if desc.media_type not in _INDEXES:
+            raise InvalidError(f"unsupported manifest media type {desc.media_type!r} in {root}")
+        index = _read_json_blob(provider, desc)
+        entries = [e for e in index.get("manifests") or [] if isinstance(e, Mapping)]
+        matching = [e for e in entries if _platform_matches(wanted, e.get("platform"))]
+        if not matching and len(entries) == 1 and "platform" not in entries[0]:
+            matching = entries
+        if not matching:
+            raise NotFoundError(
+                f"the image index {desc.digest} in {root} has no manifest for "
+                f"{_platform_name(wanted)}"
+            )
+        desc = _descriptor(matching[0], root)
+    raise InvalidError(f"image indexes nested too deeply in {root}")
+
+
+def _layer_descriptors(
+    provider: OCILayoutProvider,
+    manifest_desc: Descriptor,
+    manifest: Mapping[str, Any],
+    root: pathlib.Path,
+) -> list[Descriptor]:
+    """The manifest's layers, each with its diff id annotated, after checking that every
+    blob is in the layout with its size."""
+    raw_layers = manifest.get("layers")
+    if not isinstance(raw_layers, list) or not isinstance(manifest.get("config"), Mapping):
+        raise InvalidError(f"the manifest {manifest_desc.digest} in {root} is malformed")
+    config_desc = _descriptor(manifest["config"], root)
+    layers = [_descriptor(layer, root) for layer in raw_layers]
+    for desc in layers:
+        if from_media_type(desc.media_type) is None:
+            raise InvalidError(f"unsupported layer media type {desc.media_type!r} of {desc.digest}")
+        try:
+            size = provider.blob_path(desc.digest).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"layer blob {desc.digest} is not in the OCI layout {root}"
+            ) from None
+        if size != desc.size:
+            raise InvalidError(
+                f"layer blob {desc.digest} in {root} has {size} bytes, not {desc.size}"
+            )
+    diff_ids: list[Any] = []
+    if any(UNCOMPRESSED_LABEL not in d.annotations for d in layers):
+        config = _read_json_blob(provider, config_desc)
+        rootfs = config.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, Mapping) else None  # type: ignore[assignment]
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+            raise InvalidError(
+                f"the config {config_desc.digest} in {root} does not list one diff id per layer"
+            )
+    out = []
+    for i, desc in enumerate(layers):
+        diff_id = desc.annotations.get(UNCOMPRESSED_LABEL) or diff_ids[i]
+        parse_digest(diff_id, what=f"diff id of {desc.digest}")
+        out.append(
+            Descriptor(
+                desc.media_type,
+                desc.digest,
+                desc.size,
+                {**desc.annotations, UNCOMPRESSED_LABEL: diff_id},
+            )
+        )
+    return out
+
+
+# Importing directories and tars.
+
+
+def import_path(
+    cm: Manager,
+    path: str | os.PathLike[str],
+    *,
+    parent: ImmutableRef | None = None,
+    description: str | None = None,
+    cache_policy: CachePolicy = CachePolicy.DEFAULT,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> ImmutableRef:
+    """A directory or a tar (plain, gzip or zstd) becomes a committed (finalized) record on
+    `parent`; returns a ref on it (release it).
+
+    A directory is streamed as a tar (modes, owners, mtimes, symlinks as symlinks, hard
+    links, FIFOs and device nodes; sockets are skipped) straight into containerd's diff
+    service. A tar file is first read through once: a member whose name, or hard link
+    target, is absolute or has a `..` component is refused with `InvalidError`. Nothing is
+    left behind on error. `progress` hears `start`, `bytes` (of tar stream sent) and `end`;
+    their digest is empty, and `message` names the path.
+    """
+    source = pathlib.Path(path)
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        raise NotFoundError(f"no such file or directory: {source}") from None
+    except OSError as err:
+        raise InvalidError(f"cannot read {source}: {err.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        importer: Callable[[MutableRef, _Progress], None] = lambda work, counter: (  # noqa: E731
+            _apply_directory(work, source, counter)
+        )
+        total = 0
+    elif stat.S_ISREG(st.st_mode):
+        _check_tar(source)
+        importer = lambda work, counter: _apply_tar(work, source, counter)  # noqa: E731
+        total = st.st_size
+    else:
+        raise InvalidError(f"{source} is neither a directory nor a tar file")
+    counter = _Progress(progress, f"importing {source}", total)
+    counter.notify("start")
+    try:
+        # The mutable is made with the default policy, so that releasing it on error
+        # removes it; the record gets the caller's policy once it is committed.
+        work = cm.new(parent, description=description)
+        try:
+            importer(work, counter)
+            snap = work.commit()
+        except BaseException:
+            work.release()
+            raise
+        try:
+            snap.finalize()
+            if cache_policy is not CachePolicy.DEFAULT:
+                snap.set_cache_policy(cache_policy)
+        except BaseException:
+            snap.release()
+            raise
+    except BaseException as err:
+        counter.notify("end", error=err)
+        raise
+    counter.notify("end")
+    return snap
+
+
+class _Progress:
+    """Counts the tar bytes sent and reports them."""
+
+    def __init__(self, progress: ProgressCallback | None, message: str, total: int) -> None:
+        self.progress = progress
+        self.message = message
+        self.total = total
+        self.current = 0
+
+    def notify(
+        self, kind: Literal["start", "bytes", "end"], error: BaseException | None = None
+    ) -> None:
+        if self.progress is not None:
+            self.progress(
+                ProgressEvent(
+                    kind,
+                    "",
+                    self.current,
+                    self.total,
+                    message=self.message,
+                    error=error,
+                )
+            )
+
+    def add(self, count: int) -> None:
+        self.current += count
+        self.notify("bytes")
+
+
+class _CountingReader(io.RawIOBase):
+    """A raw stream over `fd` or a file object that reports what is read."""
+
+    def __init__(self, stream: BinaryIO, counter: _Progress) -> None:
+        self._stream = stream
+        self._counter = counter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        if n:
+            self._counter.add(n)
+        return n
+
+
+def _apply_tar(work: MutableRef, source: pathlib.Path, counter: _Progress) -> None:
+    with open(source, "rb") as raw:
+        work.apply(io.BufferedReader(_CountingReader(raw, counter), _CHUNK))
+
+
+def _apply_directory(work: MutableRef, source: pathlib.Path, counter: _Progress) -> None:
+    """Streams the directory as a tar through a pipe into `work.apply`; a thread writes."""
+    read_fd, write_fd = os.pipe()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as out:
+                _write_tree(source, out)
+        except BaseException as err:
+            errors.append(err)
+
+    writer = threading.Thread(target=produce, name="pyctrd-cache-import", daemon=True)
+    reader = os.fdopen(read_fd, "rb", buffering=0)
+    failure: BaseException | None = None
+    try:
+        writer.start()
+        work.apply(io.BufferedReader(_CountingReader(reader, counter), _CHUNK))
+    except BaseException as err:
+        failure = err
+    finally:
+        # Closing the read end stops a writer the diff service no longer reads from.
+        reader.close()
+        writer.join()
+    # A writer that failed on its own says why the stream was short; one that found the
+    # pipe closed only echoes the reader's failure.
+    produced = next((e for e in errors if not isinstance(e, BrokenPipeError)), None)
+    if produced is not None:
+        if isinstance(produced, CacheError):
+            raise produced
+        if isinstance(produced, OSError):
+            raise InvalidError(
+                f"cannot read {produced.filename or source}: {produced.strerror or produced}"
+            ) from produced
+        raise CacheError(f"cannot stream {source} as a tar: {produced}") from produced
+    if failure is not None:
+        raise failure
+
+
+def _pax_time(ns: int) -> str:
+    sign = "-" if ns < 0 else ""
+    seconds, fraction = divmod(abs(ns), 1_000_000_000)
+    return f"{sign}{seconds}.{fraction:09d}".rstrip("0").rstrip(".")
+
+
+def _walk(root: pathlib.Path) -> Iterator[tuple[str, str]]:
+    """(relative name with "/" separators, full path) of every entry below `root`, each
+    directory before its contents, names sorted; symlinks are not followed."""
+
+    def children(directory: str, prefix: str) -> Iterator[tuple[str, str]]:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it)
+        return iter([(prefix + n, os.path.join(directory, n)) for n in names])
+
+    stack = [children(str(root), "")]
+    while stack:
+        try:
+            name, full = next(stack[-1])
+        except StopIteration:
+            stack.pop()
+            continue
+        yield name, full
+        if stat.S_ISDIR(os.lstat(full).st_mode):
+            stack.append(children(full, name + "/"))
+
+
+def _write_tree(root: pathlib.Path, out: BinaryIO) -> None:
+    """Writes the tree below `root` as a PAX tar stream (end blocks included) to `out`."""
+    links: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, full in _walk(root):
+            st = os.lstat(full)
+            info = tarfile.TarInfo(name)
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.uid, info.gid = st.st_uid, st.st_gid
+            info.uname = info.gname = ""
+            info.mtime = st.st_mtime_ns // 1_000_000_000
+            if st.st_mtime_ns % 1_000_000_000 or st.st_mtime_ns < 0:
+                info.pax_headers = {"mtime": _pax_time(st.st_mtime_ns)}
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                info.type = tarfile.DIRTYPE
+            elif stat.S_ISLNK(mode):
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.readlink(full)
+            elif stat.S_ISREG(mode):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in links:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = links[key]
+                else:
+                    if st.st_nlink > 1:
+                        links[key] = name
+                    _add_file(tar, info, full)
+                    continue
+            elif stat.S_ISFIFO(mode):
+                info.type = tarfile.FIFOTYPE
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            else:
+                continue  # sockets (and anything else tar cannot hold)
+            tar.addfile(info)
+
+
+def _add_file(tar: tarfile.TarFile, info: tarfile.TarInfo, full: str) -> None:
+    """Adds a regular file; opened without following a symlink swapped in meanwhile."""
+    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidError(f"{full} changed while it was read")
+        info.type = tarfile.REGTYPE
+        info.size = st.st_size
+        tar.addfile(info, f)
+
+
+def _check_tar(source: pathlib.Path) -> None:
+    """Reads the tar once (plain, gzip or zstd) and refuses members that would land
+    outside the root: absolute names, `..` components, hard links pointing out."""
+    with open(source, "rb") as raw:
+        head = raw.read(6)
+        raw.seek(0)
+        if head.startswith((_BZIP2_MAGIC, _XZ_MAGIC)):
+            raise InvalidError(f"{source}: only plain, gzip and zstd tars can be imported")
+        try:
+            with _open_tar_stream(raw, zstd=head.startswith(_ZSTD_MAGIC)) as tar:
+                for member in tar:
+                    _check_member(source, member)
+        except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as err:
+            raise InvalidError(f"{source} is not a valid tar: {err}") from None
+
+
+def _open_tar_stream(raw: BinaryIO, *, zstd: bool) -> tarfile.TarFile:
+    """A streaming tar reader; tarfile detects gzip itself, zstd is decompressed here."""
+    if zstd:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return tarfile.open(fileobj=reader, mode="r|")
+    return tarfile.open(fileobj=raw, mode="r|*")
+
+
+def _escapes(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/")
+
+
+def _check_member(source: pathlib.Path, member: tarfile.TarInfo) -> None:
+    if _escapes(member.name):
+        raise InvalidError(f"{source}: member {member.name!r} points outside the root")
+    if member.islnk() and _escapes(member.linkname):
+        raise InvalidError(
+            f"{source}: hard link {member.name!r} points outside the root ({member.linkname!r})"
+        )
