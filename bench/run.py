@@ -32,6 +32,8 @@ from pyctrd_cache import (
     PrunePolicy,
     RecordType,
     UnimplementedError,
+    export_layout,
+    import_path,
 )
 from pyctrd_cache.client import Client
 from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
@@ -295,7 +297,54 @@ def bench_usage(address: str, work: pathlib.Path, cycles: int, rounds: int) -> l
     return rows
 
 
-BENCHES = {"core": bench_core, "remote": bench_remote, "usage": bench_usage}
+def _tree(root: pathlib.Path, total: int) -> None:
+    """A tree of `total` bytes in 1 MiB files over 16 directories, half random, half text."""
+    for i in range(total >> 20):
+        directory = root / f"d{i % 16:02d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"f{i:04d}").write_bytes(_layer_data(i, 1 << 20))
+
+
+def bench_layouts(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """Import of a 512 MiB tree and its export as a gzip OCI layout, next to
+    `tar -c | gzip` of the same tree."""
+    del cycles
+    size = 512 << 20
+    tree = work / "tree"
+    _tree(tree, size)
+    cm = Manager.open(address, namespace="bench-layouts", state_dir=work / "layouts-state")
+    imports, exports, shell = [], [], []
+    for r in range(max(1, rounds // 2)):
+        started = time.perf_counter()
+        subprocess.run(f"tar -C {tree} -c . | gzip -6 > /dev/null", shell=True, check=True)
+        shell.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        ref = import_path(cm, tree)
+        imports.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        export_layout(ref, work / f"layout-{r}", compression=Compression.GZIP)
+        exports.append(time.perf_counter() - started)
+        ref.release()
+        cm.prune(PrunePolicy(all=True))
+        shutil.rmtree(work / f"layout-{r}")
+    cm.close()
+    mb = size / 1e6
+    i, e, t = (statistics.median(x) for x in (imports, exports, shell))
+    return [
+        Row("tar -c | gzip, 512 MiB tree", f"{mb / t:,.0f} MB/s", f"{t:.1f} s"),
+        Row("import of the tree", f"{mb / i:,.0f} MB/s", f"{i:.1f} s, {i / t:.2f}x the time"),
+        Row(
+            "export as gzip OCI layout", f"{mb / e:,.0f} MB/s", f"{e:.1f} s, {e / t:.2f}x the time"
+        ),
+    ]
+
+
+BENCHES = {
+    "core": bench_core,
+    "remote": bench_remote,
+    "usage": bench_usage,
+    "layouts": bench_layouts,
+}
 
 
 def main() -> None:
