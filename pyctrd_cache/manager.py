@@ -874,25 +874,28 @@ class Manager:
         children are gone); least recently used first when `ranked`."""
         candidates: list[_Record] = []
         with self._mu:
-            for rec in list(self._records.values()):
-                with rec.mu:
-                    if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
-                        continue
-                    if (
-                        cut_off is not None
-                        and rec.md.last_used_at is not None
-                        and rec.md.last_used_at > cut_off
-                    ):
-                        continue
-                    info = rec.info()
-                    shared = checker is not None and checker.exists(rec.id, rec.parent_chain())
-                    if not policy.all and (
-                        shared or info.record_type in (RecordType.INTERNAL, RecordType.FRONTEND)
-                    ):
-                        continue
-                    usage = self._usage_info(info, 0, size=info.size or 0, shared=shared)
-                    if match.match(_adaptor(usage)):
-                        candidates.append(rec)
+            records = list(self._records.values())
+        # Each record is judged under its own lock only: a record gains a handle only under
+        # that lock, and `_remove_unused` checks again before it removes.
+        for rec in records:
+            with rec.mu:
+                if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
+                    continue
+                if (
+                    cut_off is not None
+                    and rec.md.last_used_at is not None
+                    and rec.md.last_used_at > cut_off
+                ):
+                    continue
+                info = rec.info()
+                shared = checker is not None and checker.exists(rec.id, rec.parent_chain())
+                if not policy.all and (
+                    shared or info.record_type in (RecordType.INTERNAL, RecordType.FRONTEND)
+                ):
+                    continue
+                usage = self._usage_info(info, 0, size=info.size or 0, shared=shared)
+                if match.match(_adaptor(usage)):
+                    candidates.append(rec)
         return _rank_for_removal(candidates) if ranked else candidates
 
     def _remove_unused(self, rec: _Record) -> UsageInfo | None:
@@ -912,7 +915,9 @@ class Manager:
             rec.dead = True
             if rec.equal_immutable is not None:
                 rec.equal_immutable._rec.remove(remove_snapshot=False)
-            rec.remove(remove_snapshot=True)
+            rec.detach(remove_snapshot=True)
+        # The lease goes outside the locks: containerd may be collecting garbage.
+        rec.purge(remove_snapshot=True)
         return info
 
     def _free_bytes(self) -> int:

@@ -184,20 +184,29 @@ class _Record:
         """Drops the record: releases its parent, deletes its lease (with `remove_snapshot`),
         clears its row. The row is marked deleted before the lease goes, so that a crash in
         between is finished by `Manager.open`."""
+        self.detach(remove_snapshot=remove_snapshot)
+        self.purge(remove_snapshot=remove_snapshot)
+
+    def detach(self, *, remove_snapshot: bool) -> None:
+        """The part of `remove` that needs the manager lock: the record leaves the manager,
+        releases its parent and, with `remove_snapshot`, is marked deleted in its row."""
         self.cm._records.pop(self.id, None)
         if self.parent is not None:
             prec = self.parent._rec
             with prec.mu:
                 prec.release_immutable(self.parent)
+        if remove_snapshot and not self.md.deleted:
+            self.md.deleted = True
+            self.save()
+        self.removed = True
+
+    def purge(self, *, remove_snapshot: bool) -> None:
+        """The rest of `remove`, which needs no lock: the lease, then the row."""
         if remove_snapshot:
-            if not self.md.deleted:
-                self.md.deleted = True
-                self.save()
             crash_point("remove.after_mark")
             with contextlib.suppress(NotFoundError):
                 self.cm._client.leases.delete(self.id)
             crash_point("remove.after_lease_delete")
-        self.removed = True
         self.cm._store.delete(self.id)
 
     def finalize(self) -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from datetime import datetime, timedelta
@@ -23,7 +24,8 @@ import pytest
 from pyctrd_cache import CachePolicy, Manager, ProgressEvent, RefInfo
 from pyctrd_cache._progress import ProgressBar, human_size, progress_bar, short_digest
 from pyctrd_cache.cli import parse_duration, parse_size, split_layout
-from tests.fix_containerd import Daemon, Managers
+from pyctrd_cache.client import Client
+from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 from tests.layers import make_tar
 
 
@@ -733,3 +735,52 @@ def test_progress_bar_gives_each_blob_one_finished_line() -> None:
 def test_progress_bar_only_on_a_terminal() -> None:
     with progress_bar(io.StringIO()) as progress:
         assert progress is None
+
+
+def _tar_with(name: str, *, link_to: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        if link_to is not None:
+            info.type = tarfile.LNKTYPE
+            info.linkname = link_to
+            tar.addfile(info)
+        else:
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "link_to"),
+    [("/etc/evil", None), ("../evil", None), ("ok/../../evil", None), ("link", "../../etc/passwd")],
+    ids=["absolute", "dotdot", "nested-dotdot", "hardlink-out"],
+)
+def test_hostile_tar_is_refused_and_leaves_nothing(
+    cli: Cli, client: Client, tmp_path: pathlib.Path, name: str, link_to: str | None
+) -> None:
+    path = tmp_path / "hostile.tar"
+    path.write_bytes(_tar_with(name, link_to=link_to))
+    _one_line_error(cli("import", str(path)), repr(name))
+    assert cli.json("du")["records"] == []
+    assert client.snapshots(SNAPSHOTTER).list() == []
+    assert client.content.list_statuses() == []
+
+
+def test_layout_with_a_missing_blob_is_refused_and_leaves_nothing(
+    managers: Managers, cli: Cli, client: Client, tmp_path: pathlib.Path
+) -> None:
+    cm = open_cache(managers, cli)
+    record = committed(cm, {"f": b"data"})
+    cm.close()
+    layout = tmp_path / "layout"
+    cli.ok("export", record, "--oci-layout", str(layout), "--tag", "v1")
+    cli.ok("prune", "--all")
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
+    missing = manifest["layers"][0]["digest"]
+    (layout / "blobs" / "sha256" / missing.split(":")[1]).unlink()
+    _one_line_error(cli("pull", f"{layout}:v1"), missing)
+    assert cli.json("du")["records"] == []
+    assert client.content.list() == []
