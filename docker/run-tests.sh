@@ -6,6 +6,7 @@
 #   PYCTRD_TEST_ADDRESS  socket of the running containerd (default /run/containerd/containerd.sock)
 #   PYCTRD_WAIT_SECONDS  how long to wait for it (default 60)
 #   PYTHON               interpreter with the project installed (default /opt/venv/bin/python)
+#   PYCTRD_TESTS         the tests to run (default tests/integration)
 #
 # Extra arguments are passed on to pytest.
 set -euo pipefail
@@ -38,4 +39,6 @@ with Client(address, timeout=2.0, retry_budget=0.0) as client:
         time.sleep(0.5)
 ' "$PYCTRD_TEST_ADDRESS" "$WAIT_SECONDS"
 
-exec "$PYTHON" -m pytest tests/integration -x -q "$@"
+# PYCTRD_TESTS: which tests (paths or node ids, separated by spaces); default all of them.
+# shellcheck disable=SC2086
+exec "$PYTHON" -m pytest ${PYCTRD_TESTS:-tests/integration} -x -q "$@"

@@ -24,7 +24,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pyctrd_cache/ pyctrd_cache/
 COPY containerd_api/ containerd_api/
+# PIP_CERT: a CA bundle to trust for PyPI, for builds behind an intercepting proxy (the
+# compose script mounts the host's bundle there); empty means pip's own.
+ARG PIP_CERT=""
 RUN python3 -m venv /opt/venv \
+    && if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
     && /opt/venv/bin/pip install --only-binary=:all: ".[dev]"
 
 COPY tests/ tests/
