@@ -22,6 +22,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
+from ._streams import CountingReader
 from .client import Client, ContentWriter, Descriptor, LeaseResource
 from .compression import (
     OCI_LAYER,
@@ -308,33 +309,15 @@ def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
 # Pulling lazy blobs.
 
 
-class _CountingReader(io.RawIOBase):
-    """Reads a provider's stream, reporting progress and refusing more than `size` bytes."""
+def _pull_progress(desc: Descriptor, dh: DescHandler | None) -> Callable[[int], None]:
+    """Reports the bytes of a pull, and refuses more than the descriptor's size."""
 
-    def __init__(self, stream: BinaryIO, desc: Descriptor, dh: DescHandler | None) -> None:
-        super().__init__()
-        self._stream = stream
-        self._desc = desc
-        self._dh = dh
-        self.count = 0
+    def on_read(count: int) -> None:
+        if count > desc.size:
+            raise InvalidError(f"provider sent more than the {desc.size} bytes of {desc.digest}")
+        _notify(dh, ProgressEvent("bytes", desc.digest, count, desc.size))
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._stream.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.count += n
-        if self.count > self._desc.size:
-            raise InvalidError(
-                f"provider sent more than the {self._desc.size} bytes of {self._desc.digest}"
-            )
-        if n:
-            _notify(
-                self._dh, ProgressEvent("bytes", self._desc.digest, self.count, self._desc.size)
-            )
-        return n
+    return on_read
 
 
 def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
@@ -363,7 +346,7 @@ def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
             raise
         except Exception as err:
             raise CacheError(f"provider of {desc.digest} failed: {err}") from err
-        with stream, _CountingReader(stream, desc, dh) as counted:
+        with stream, CountingReader(stream, _pull_progress(desc, dh)) as counted:
             try:
                 content.write(ingest, counted, expected=desc.digest, size=desc.size)  # type: ignore[arg-type]
             except (CacheError, OSError) as err:

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Final, Literal
 
 import zstandard
 
+from ._streams import CountingReader
 from .blobs import CREATED_AT_ANNOTATION, DISTRIBUTION_SOURCE_PREFIX, UNCOMPRESSED_LABEL
 from .client import Descriptor
 from .compression import Compression, from_media_type, parse_digest
@@ -680,33 +681,14 @@ class _Progress:
                 )
             )
 
-    def add(self, count: int) -> None:
-        self.current += count
+    def reached(self, count: int) -> None:
+        self.current = count
         self.notify("bytes")
-
-
-class _CountingReader(io.RawIOBase):
-    """A raw stream over `fd` or a file object that reports what is read."""
-
-    def __init__(self, stream: BinaryIO, counter: _Progress) -> None:
-        self._stream = stream
-        self._counter = counter
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._stream.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        if n:
-            self._counter.add(n)
-        return n
 
 
 def _apply_tar(work: MutableRef, source: pathlib.Path, counter: _Progress) -> None:
     with open(source, "rb") as raw:
-        work.apply(io.BufferedReader(_CountingReader(raw, counter), _CHUNK))
+        work.apply(io.BufferedReader(CountingReader(raw, counter.reached), _CHUNK))
 
 
 def _apply_directory(work: MutableRef, source: pathlib.Path, counter: _Progress) -> None:
@@ -726,7 +708,7 @@ def _apply_directory(work: MutableRef, source: pathlib.Path, counter: _Progress)
     failure: BaseException | None = None
     try:
         writer.start()
-        work.apply(io.BufferedReader(_CountingReader(reader, counter), _CHUNK))
+        work.apply(io.BufferedReader(CountingReader(reader, counter.reached), _CHUNK))
     except BaseException as err:
         failure = err
     finally:
