@@ -44,7 +44,6 @@ _DOCKER_LAYER_ZSTD: Final = DOCKER_LAYER + ".zstd"
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _DIGEST_RE: Final = re.compile(r"^(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$")
-_CHUNK: Final = 1 << 20
 
 
 class Compression(enum.Enum):
@@ -187,15 +186,3 @@ def compressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iter
         if out := compress(chunk):
             yield out
     yield flush()
-
-
-def rechunk(chunks: Iterable[bytes], size: int = _CHUNK) -> Iterator[bytes]:
-    """The same bytes in pieces of exactly `size` (the last may be shorter)."""
-    buffer = bytearray()
-    for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)

@@ -178,6 +178,7 @@ def test_content_large_blob_streams_with_bounded_memory(client: Client) -> None:
     assert labelled.labels == {"x": "1", "y": "2"}
     assert leased.content.update_labels(expected, {}, fields=["x"]).labels == {"y": "2"}
     assert [i.digest for i in leased.content.list("labels.y==2")] == [expected]
+    assert [i.digest for i in leased.content.walk("labels.y==2")] == [expected]
 
     leased.content.delete(expected)
     with pytest.raises(NotFoundError):
