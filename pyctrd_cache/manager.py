@@ -366,9 +366,7 @@ class Manager:
         """
         missing = blobs.missing_providers(blobs.chain_of(ref), ref.desc_handlers)
         if missing:
-            with ref._rec.mu:
-                ref._released = True
-                ref._rec.release_immutable(ref)
+            ref._release_locked()
             raise NeedsRemoteProvidersError(missing)
 
     def _commit(self, ref: MutableRef) -> ImmutableRef:
@@ -528,9 +526,7 @@ class Manager:
                     except NotFoundError:
                         continue
                     if parent_ref is not None:
-                        with parent_ref._rec.mu:
-                            parent_ref._released = True
-                            parent_ref._rec.release_immutable(parent_ref)
+                        parent_ref._release_locked()
                     self._add_image_ref(ref._rec, image_ref)
                     return ref
                 return self._new_blob_record(
@@ -580,8 +576,7 @@ class Manager:
                 continue
             with link._rec.mu:
                 snapshot_id, blob_only = link._rec.md.snapshot_id, link._rec.md.blob_only
-                link._released = True
-                link._rec.release_immutable(link)
+            link._release_locked()
             break
         record_id = _new_id()
         self._create_lease(record_id, "record")

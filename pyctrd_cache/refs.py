@@ -442,8 +442,12 @@ class ImmutableRef(Ref):
         return self
 
     def release(self) -> None:
-        cm = self._rec.cm
-        with cm._mu, self._rec.mu:
+        with self._rec.cm._mu:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        """`release` for a caller that holds the manager lock."""
+        with self._rec.mu:
             self._check()
             self._released = True
             self._rec.release_immutable(self)
