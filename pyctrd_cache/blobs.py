@@ -173,8 +173,8 @@ def temporary_lease(cm: Manager) -> Iterator[Client]:
     try:
         yield leased
     finally:
-        with contextlib.suppress(NotFoundError, UnavailableError):
-            cm._client.leases.delete(lease_id)
+        with contextlib.suppress(UnavailableError):
+            cm._drop_lease(lease_id)
 
 
 # Blob metadata in the content store.

@@ -100,6 +100,8 @@ class Manager:
         self._flight = SingleFlight()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
         self._background: set[Future[None]] = set()
+        # Set when a lease went without a collection after it; the next prune collects.
+        self._uncollected = False
         self._closed = False
 
     # Opening and closing.
@@ -207,6 +209,12 @@ class Manager:
             if not exist_ok:
                 raise
         return self._client.with_lease(lease_id)
+
+    def _drop_lease(self, lease_id: str) -> None:
+        """Deletes a lease; containerd collects what it held at the next prune at the latest."""
+        with contextlib.suppress(NotFoundError):
+            self._client.leases.delete(lease_id)
+        self._uncollected = True
 
     def _remove_later(self, rec: _Record) -> None:
         """Removes `rec` (already marked deleted) outside the caller's locks."""
@@ -318,8 +326,7 @@ class Manager:
             for record_id in rows:
                 self._get_record(record_id)
         for lease_id in leases - rows.keys():
-            with contextlib.suppress(NotFoundError):
-                self._client.leases.delete(lease_id)
+            self._drop_lease(lease_id)
 
     # Records. The manager lock is held for all of these.
 
@@ -643,8 +650,7 @@ class Manager:
         try:
             yield lease_id
         finally:
-            with contextlib.suppress(NotFoundError):
-                self._client.leases.delete(lease_id)
+            self._drop_lease(lease_id)
 
     # Disk usage.
 
@@ -812,13 +818,14 @@ class Manager:
             self._wait_background()
             for policy in policies or (PrunePolicy(),):
                 self._prune_once(policy, report)
-            if removed:
+            if removed or self._uncollected:
                 self._collect_garbage()
         return removed
 
     def _collect_garbage(self) -> None:
         """Runs containerd's garbage collector and waits for it."""
         gc_lease = f"gc-{_new_id()}"
+        self._uncollected = False
         self._client.leases.create(gc_lease, labels=self._lease_labels("gc"))
         self._client.leases.delete(gc_lease, sync=True)
 

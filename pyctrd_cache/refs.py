@@ -156,7 +156,7 @@ class _Record:
         if self.refs:
             return
         if self.view:
-            self.cm._client.leases.delete(self.view)
+            self.cm._drop_lease(self.view)
             self.view = ""
             self.view_mounts = None
         if self.equal_mutable is not None:
@@ -255,7 +255,7 @@ class _Record:
                 )
             except CacheError:
                 with contextlib.suppress(CacheError):
-                    self.cm._client.leases.delete(view)
+                    self.cm._drop_lease(view)
                 raise
             self.view = view
         return self.view_mounts

@@ -290,3 +290,16 @@ def test_gets_go_on_while_a_thousand_records_are_pruned(managers: Managers, clie
     print(f"get latency during a 1,000-record prune: worst {worst * 1000:.1f} ms")
     assert worst < 0.5, f"a get waited {worst:.3f}s during prune (bound 50 ms, margin 10x)"
     assert owned_leases(client, cm) == [keep_id]
+
+
+def test_prune_collects_what_a_dropped_lease_held(managers: Managers, client: Client) -> None:
+    # Nothing is left for the prune to remove, but a lease went since the last collection.
+    cm = managers.open()
+    data = b"held only by the caller's lease"
+    with cm.lease() as lease_id:
+        client.with_lease(lease_id).content.write(
+            f"ref-{uuid.uuid4().hex}", data, expected=digest_of(data), size=len(data)
+        )
+    assert blob_count(client) == 1
+    assert cm.prune(PrunePolicy(all=True)) == []
+    assert blob_count(client) == 0

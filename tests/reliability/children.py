@@ -1,0 +1,97 @@
+"""The parent side of tests/reliability/workload.py: runs it as a child process and
+collects what it reports."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from types import TracebackType
+
+from tests.fix_containerd import ROOT, Daemon
+
+
+class WorkloadChild:
+    """A workload child process; `kept` maps each record it kept to its tree digest."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        namespace: str,
+        state_dir: str,
+        seed: int,
+        seconds: float,
+        *,
+        tolerate_unavailable: bool = False,
+    ) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "tests.reliability.workload",
+            daemon.address,
+            namespace,
+            state_dir,
+            str(seed),
+            str(seconds),
+        ]
+        if tolerate_unavailable:
+            command.append("--tolerate-unavailable")
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.kept: dict[str, str] = {}
+        self.done: tuple[int, int] | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            word, *rest = line.split()
+            if word == "ready":
+                self._ready.set()
+            elif word == "keep":
+                self.kept[rest[0]] = rest[1]
+            elif word == "done":
+                self.done = (int(rest[0]), int(rest[1]))
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        if not self._ready.wait(timeout) or self.process.poll() is not None:
+            raise AssertionError(f"the workload did not start: {self.stderr()}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stderr(self) -> str:
+        if self.process.poll() is None:
+            return ""
+        assert self.process.stderr is not None
+        return self.process.stderr.read()[-4000:]
+
+    def __enter__(self) -> WorkloadChild:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,92 @@
+"""Concurrency: 32 threads run the mixed workload on one manager, on overlapping chains
+(they build on each other's kept records), then the invariants; and a second process
+opening the same state directory gets `LockedError`."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+import time
+
+from pyctrd_cache.client import Client
+from tests.fix_containerd import ROOT, SNAPSHOTTER, Daemon, Managers
+from tests.reliability import tally
+from tests.reliability.invariants import check_all
+from tests.reliability.workload import Workload
+
+THREADS = 32
+SECONDS = tally.scaled(ci=15, long=60)
+
+
+def test_thirty_two_threads_on_overlapping_chains(
+    daemon: Daemon, client: Client, managers: Managers
+) -> None:
+    cm = managers.open()
+    kept: dict[str, str] = {}
+    work = Workload(cm, kept.__setitem__)
+    deadline = time.monotonic() + SECONDS
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        rng = random.Random(f"{daemon.name}-{index}")
+        try:
+            while time.monotonic() < deadline:
+                work.step(rng)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cm.close()
+    cm = managers.open()
+    found = check_all(cm, client, daemon, kept)
+    tally.add(
+        "concurrency",
+        threads=THREADS,
+        seconds=SECONDS,
+        operations=work.steps,
+        kept_records_checked=len(kept),
+        errors=len(errors),
+        records_lost=found.records_lost,
+        leaks=found.leaks,
+    )
+    assert errors == []
+    assert found.problems == []
+    assert work.steps > THREADS
+
+
+LOCKED_CHILD = """
+import sys
+from pyctrd_cache import LockedError, Manager
+try:
+    Manager.open(sys.argv[1], namespace=sys.argv[2], state_dir=sys.argv[3], snapshotter=sys.argv[4])
+except LockedError as err:
+    print("locked:", err)
+else:
+    print("opened")
+"""
+
+
+def test_a_second_process_gets_locked_error(daemon: Daemon, managers: Managers) -> None:
+    cm = managers.open()
+    with cm.new() as active:
+        command = [
+            sys.executable,
+            "-c",
+            LOCKED_CHILD,
+            daemon.address,
+            managers.namespace,
+            str(managers.state_dir),
+            SNAPSHOTTER,
+        ]
+        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        assert out.stdout.startswith("locked:"), out
+        assert str(managers.state_dir) in out.stdout
+        # The refused open took nothing from the manager that holds the directory.
+        assert [(u.id, u.in_use) for u in cm.disk_usage()] == [(active.id, True)]
+    tally.add("concurrency", second_opens_refused=1)
