@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
-from ._streams import CountingReader
+from . import _validate
 from .client import Client, ContentWriter, Descriptor, LeaseResource
 from .compression import (
     OCI_LAYER,
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 UNCOMPRESSED_LABEL: Final = "containerd.io/uncompressed"
 VARIANT_DIGEST_PREFIX: Final = "buildkit.io/compression/digest."
-VARIANT_ANNOTATION_PREFIX: Final = "buildkit.io/compression/annotation."
+VARIANT_ANNOTATION_PREFIX: Final = _validate.ANNOTATION_LABEL_PREFIX
 VARIANT_MEDIA_TYPE_LABEL: Final = "buildkit.io/compression/mediatype"
 VARIANT_GC_REF_PREFIX: Final = "containerd.io/gc.ref.content.buildkit.compression."
 CREATED_AT_ANNOTATION: Final = "buildkit/createdat"
@@ -253,8 +253,8 @@ def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
 
 def set_blob(rec: _Record, desc: Descriptor) -> None:
     """Associates a blob already in the content store with the record (once)."""
+    _validate.descriptor(desc)
     diff_id = diff_id_of(desc)
-    parse_digest(desc.digest)
     compression = compression_of(desc.media_type)
     rec.cm._client.content.info(desc.digest)
     with rec.mu:
@@ -309,22 +309,107 @@ def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
 # Pulling lazy blobs.
 
 
-def _pull_progress(desc: Descriptor, dh: DescHandler | None) -> Callable[[int], None]:
-    """Reports the bytes of a pull, and refuses more than the descriptor's size."""
+class _ProviderReader(io.RawIOBase):
+    """The blob `desc` from its handler's provider, checked as it streams.
 
-    def on_read(count: int) -> None:
-        if count > desc.size:
-            raise InvalidError(f"provider sent more than the {desc.size} bytes of {desc.digest}")
-        _notify(dh, ProgressEvent("bytes", desc.digest, count, desc.size))
+    A thread of its own opens and reads the provider, so that a provider that makes no
+    progress for the handler's `stall_timeout` fails the pull with `UnavailableError`
+    (`stalled` is then set; the blocked thread is abandoned and closes the stream if it ever
+    returns). More bytes than the descriptor's size fail as soon as they arrive; a stream
+    that ends short of the size, or whose bytes hash to another digest, fails at its end.
+    Both are `InvalidError`, raised before containerd is asked to commit.
+    """
 
-    return on_read
+    def __init__(self, desc: Descriptor, dh: DescHandler) -> None:
+        super().__init__()
+        self._desc = desc
+        self._dh = dh
+        self._hash = hashlib.sha256()
+        self._count = 0
+        self._buffer = memoryview(b"")
+        self._items: queue.Queue[bytes | BaseException] = queue.Queue(4)
+        self._stop = threading.Event()
+        self.stalled = False
+        threading.Thread(target=self._produce, daemon=True).start()
+
+    def _put(self, item: bytes | BaseException) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            stream = self._dh.provider.open(self._desc)
+        except BaseException as err:
+            self._put(err)
+            return
+        try:
+            with stream:
+                while self._put(chunk := stream.read(_CHUNK)) and chunk:
+                    pass
+        except BaseException as err:
+            self._put(err)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        desc = self._desc
+        if not self._buffer:
+            try:
+                item = self._items.get(timeout=self._dh.stall_timeout)
+            except queue.Empty:
+                self.stalled = True
+                raise UnavailableError(
+                    f"provider of {desc.digest} made no progress for "
+                    f"{self._dh.stall_timeout:g} s (after {self._count} of {desc.size} bytes)"
+                ) from None
+            if isinstance(item, CacheError):
+                raise item
+            if isinstance(item, BaseException):
+                raise CacheError(f"provider of {desc.digest} failed: {item}") from item
+            if not item:
+                self._check_end()
+                return 0
+            self._count += len(item)
+            if self._count > desc.size:
+                raise InvalidError(
+                    f"provider sent more than the {desc.size} bytes of {desc.digest}"
+                )
+            self._hash.update(item)
+            self._buffer = memoryview(item)
+            _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
+        n = min(len(buffer), len(self._buffer))
+        buffer[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def _check_end(self) -> None:
+        desc = self._desc
+        if self._count != desc.size:
+            raise InvalidError(
+                f"provider of {desc.digest} ended after {self._count} bytes, short of its "
+                f"size {desc.size}"
+            )
+        seen = "sha256:" + self._hash.hexdigest()
+        if seen != desc.digest:
+            raise InvalidError(f"provider sent bytes of digest {seen}, not of {desc.digest}")
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
 
 
 def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     """Copies a lazy blob from its provider into the content store, under the record's lease.
 
-    Concurrent calls for one digest share one copy; containerd's commit checks size and
-    digest, and nothing is left committed when they do not match.
+    Concurrent calls for one digest share one copy. The bytes are checked against the
+    descriptor as they stream (`_ProviderReader`), and containerd's commit checks them again;
+    on any failure the ingest is aborted, so nothing is left.
     """
     cm = rec.cm
     cm._flight.do(f"unlazy-{desc.digest}", lambda: _unlazy(rec, desc, dh))
@@ -339,23 +424,17 @@ def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     ingest = f"unlazy-{desc.digest}"
     content = cm._client.with_lease(rec.id).content
     _notify(dh, ProgressEvent("start", desc.digest, 0, desc.size))
+    reader = _ProviderReader(desc, dh)
     try:
         try:
-            stream = dh.provider.open(desc)
-        except CacheError:
+            with reader:
+                content.write(ingest, reader, expected=desc.digest, size=desc.size)  # type: ignore[arg-type]
+        except CacheError as err:
+            # An unreachable daemon cannot abort; a stalled provider leaves it reachable.
+            if reader.stalled or not isinstance(err, UnavailableError):
+                with contextlib.suppress(CacheError):
+                    cm._client.content.abort(ingest)
             raise
-        except Exception as err:
-            raise CacheError(f"provider of {desc.digest} failed: {err}") from err
-        with stream, CountingReader(stream, _pull_progress(desc, dh)) as counted:
-            try:
-                content.write(ingest, counted, expected=desc.digest, size=desc.size)  # type: ignore[arg-type]
-            except (CacheError, OSError) as err:
-                if not isinstance(err, UnavailableError):
-                    with contextlib.suppress(CacheError):
-                        cm._client.content.abort(ingest)
-                if isinstance(err, CacheError):
-                    raise
-                raise CacheError(f"provider of {desc.digest} failed: {err}") from err
     except BaseException as err:
         _notify(dh, ProgressEvent("end", desc.digest, 0, desc.size, error=err))
         raise
@@ -711,11 +790,15 @@ def apply_layer(
     blob is held only by a temporary lease."""
     rec = ref._rec
     cm = rec.cm
+    if isinstance(layer, Descriptor):
+        layer = _validate.descriptor(
+            layer if media_type is None else replace(layer, media_type=media_type)
+        )
+        compression_of(layer.media_type)
     with temporary_lease(cm) as leased:
         if isinstance(layer, Descriptor):
-            desc = layer if media_type is None else replace(layer, media_type=media_type)
-            compression_of(desc.media_type)
-            leased.content.info(parse_digest(desc.digest))
+            desc = layer
+            leased.content.info(desc.digest)
             leased.leases.add_resource(leased.lease, LeaseResource.content(desc.digest))
         else:
             desc = _write_layer(cm, leased, layer, media_type)

@@ -157,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         help="use a private containerd under the state directory",
     )
     parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="open a damaged metadata store by giving up the records it lost",
+    )
+    parser.add_argument(
         "--containerd-binary",
         default="containerd",
         help="the containerd the embedded daemon runs (default: %(default)s)",
@@ -299,6 +304,7 @@ def _manager(args: argparse.Namespace) -> Iterator[Manager]:
             namespace=args.namespace,
             snapshotter=args.snapshotter,
             state_dir=args.state_dir / "cache",
+            repair=args.repair,
         ) as cm,
     ):
         yield cm

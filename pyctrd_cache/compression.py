@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Protocol
 
 import zstandard
 
+from . import _validate
 from .errors import CacheError, InvalidError
 
 __all__ = [
@@ -43,7 +43,6 @@ _DOCKER_LAYER_ZSTD: Final = DOCKER_LAYER + ".zstd"
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-_DIGEST_RE: Final = re.compile(r"^(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$")
 
 
 class Compression(enum.Enum):
@@ -107,10 +106,8 @@ def detect(head: bytes) -> Compression:
 
 
 def parse_digest(value: str, *, what: str = "digest") -> str:
-    """`value` if it is a well-formed sha256/384/512 digest, else `InvalidError`."""
-    if not isinstance(value, str) or not _DIGEST_RE.match(value):
-        raise InvalidError(f"malformed {what} {value!r}")
-    return value
+    """`value` if it is a well-formed sha256 digest, else `InvalidError`."""
+    return _validate.digest(value, what=what)
 
 
 def chain_id(parent: str, child: str) -> str:

@@ -12,6 +12,9 @@ Every error the public API raises is a `CacheError`::
     ├── UnavailableError            containerd cannot be reached after the retry budget
     ├── FailedPreconditionError
     ├── UnimplementedError          the daemon does not implement the call or media type
+    ├── AuthError                   a registry refused access (no or wrong credentials)
+    ├── StoreDamagedError           .path, .lost: the metadata store is unreadable or lost records
+    ├── NoSpaceError                a file system is full (the metadata store's or containerd's)
     └── ContainerdError             any other status containerd answers with
 
 An error that comes from a containerd call carries `rpc` (the method, for example
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AlreadyExistsError",
+    "AuthError",
     "CacheError",
     "ContainerdError",
     "FailedPreconditionError",
@@ -31,7 +35,9 @@ __all__ = [
     "LockedError",
     "NeedsRemoteProvidersError",
     "NoBlobsError",
+    "NoSpaceError",
     "NotFoundError",
+    "StoreDamagedError",
     "UnavailableError",
     "UnimplementedError",
 ]
@@ -79,12 +85,35 @@ class UnimplementedError(CacheError):
     """The daemon does not implement the call or the media type asked for."""
 
 
+class AuthError(CacheError):
+    """A registry refused access: no credentials were given, or they were not accepted."""
+
+
 class UnavailableError(CacheError):
     """containerd could not be reached, even after the retry budget was spent."""
 
 
 class ContainerdError(CacheError):
     """containerd answered with a status that has no more specific class."""
+
+
+class StoreDamagedError(CacheError):
+    """The metadata store cannot be read, or it lost records whose containerd objects still
+    exist; `Manager.open(..., repair=True)` gives those records up explicitly.
+
+    `path` is the damaged file; `lost` the ids of the records it no longer has (may be empty).
+    """
+
+    def __init__(self, summary: str, *, path: str, lost: Sequence[str] = ()) -> None:
+        self.path = path
+        self.lost = list(lost)
+        super().__init__(summary)
+
+
+class NoSpaceError(CacheError):
+    """A write failed because its file system is full: the metadata store's (the summary names
+    the file) or containerd's root (`rpc` and `message` say which call). Nothing half-written
+    remains; the same call succeeds once space is freed."""
 
 
 class NoBlobsError(CacheError):

@@ -4,8 +4,9 @@ State lives in three places (DESIGN.md): containerd holds snapshots, blobs and o
 record (lease id = record id, `containerd.io/gc.flat`, and this manager's ownership label);
 the metadata store holds the rows; process memory holds open handles and locks. Every
 change follows the same order so that a crash at any point leaves state `open` repairs:
-create the lease, then the containerd objects under it, then the row; remove by marking the
-row deleted, deleting the lease, then dropping the row.
+write the row, then create the lease and the containerd objects under it; remove by marking
+the row deleted, deleting the lease, then dropping the row. A record lease is thus never
+without its row, and one found without means the store lost records (`StoreDamagedError`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Final
 
-from . import blobs, filters
+from . import _validate, blobs, filters
 from ._faults import crash_point
 from ._singleflight import SingleFlight
 from .client import DEFAULT_ADDRESS, Client, ContentService, Descriptor, LeaseResource, SnapshotKind
@@ -33,6 +34,7 @@ from .errors import (
     LockedError,
     NeedsRemoteProvidersError,
     NotFoundError,
+    StoreDamagedError,
 )
 from .metadata import MetadataStore, RecordMeta
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
@@ -115,6 +117,7 @@ class Manager:
         snapshotter: str = "overlayfs",
         state_dir: str | os.PathLike[str] | None = None,
         shared_checker: SharedCheckerFactory | None = None,
+        repair: bool = False,
     ) -> Manager:
         """Connects, checks the snapshotter, opens the metadata store and reconciles it with
         containerd (see `_reconcile`).
@@ -122,19 +125,27 @@ class Manager:
         `shared_checker` makes the checker `disk_usage` and `prune` ask which records are
         shared; by default, those whose chain of blobs an image in the namespace's image
         store uses.
+
+        A metadata store that cannot be read, or that lost records whose leases still exist
+        in containerd, raises `StoreDamagedError` naming the file and the lost records, and
+        changes nothing. `repair=True` gives those records up instead: an unreadable
+        database is moved aside and started again empty, the leases of lost records are
+        deleted (containerd collects their data), and the rest is reconciled as usual.
         """
         address = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
         namespace = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
         client = Client(address, namespace=namespace)
         try:
             client.check(snapshotter=snapshotter)
-            store = MetadataStore(state_dir if state_dir is not None else default_state_dir())
+            store = MetadataStore(
+                state_dir if state_dir is not None else default_state_dir(), repair=repair
+            )
         except BaseException:
             client.close()
             raise
         manager = cls(client, store, snapshotter, shared_checker)
         try:
-            manager._reconcile()
+            manager._reconcile(repair=repair)
         except BaseException:
             manager.close()
             raise
@@ -248,19 +259,36 @@ class Manager:
 
     # Reconciliation.
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, *, repair: bool = False) -> None:
         """Brings the store in line with containerd after a restart or a crash.
 
-        Finishes removals marked in the store, completes finalizes that committed the
-        snapshot but not the row, drops rows whose containerd objects are gone, loads the
-        rest, and deletes leases of this manager that no row accounts for.
+        A record's row is written before its lease and dropped after it, so a record lease
+        of this manager with no row (a row marked deleted counts) means the store lost
+        records: `StoreDamagedError` before anything changes, or with `repair` the lease
+        is deleted. Then finishes removals marked in the store, completes finalizes that
+        committed the snapshot but not the row, drops rows whose containerd objects are gone
+        (their lease first), loads the rest, deletes leases of this manager that no row
+        accounts for, and lets containerd collect what those leases held.
         """
-        leases = {
-            lease.id
-            for lease in self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
-        }
+        owned = self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
+        owned_ids = {lease.id for lease in owned}
+        leases = set(owned_ids)
         snapshots = {s.name: s.kind for s in self._client.snapshots(self.snapshotter).list()}
         rows = {md.id: md for md in self._store.all()}
+        lost = sorted(
+            lease.id
+            for lease in owned
+            if lease.labels.get(KIND_LABEL) == "record" and lease.id not in rows
+        )
+        if lost and not repair:
+            shown = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+            raise StoreDamagedError(
+                f"the metadata store {self._store.path} lost {len(lost)} record(s) whose data "
+                f"containerd still holds ({shown}); restore the database to keep them, or "
+                "open with repair=True (pyctrd-cache --repair) to give them up",
+                path=str(self._store.path),
+                lost=lost,
+            )
 
         for md in list(rows.values()):
             twin = rows.get(md.equal_mutable) if md.equal_mutable else None
@@ -320,6 +348,10 @@ class Manager:
 
         dropped = [record_id for record_id in rows if not is_valid(record_id)]
         for record_id in dropped:
+            if record_id in leases:
+                with contextlib.suppress(NotFoundError):
+                    self._client.leases.delete(record_id)
+                leases.discard(record_id)
             self._store.delete(record_id)
             del rows[record_id]
         with self._mu:
@@ -327,6 +359,9 @@ class Manager:
                 self._get_record(record_id)
         for lease_id in leases - rows.keys():
             self._drop_lease(lease_id)
+        if owned_ids - rows.keys():
+            # What the deleted leases held is gone before `open` returns.
+            self._collect_garbage()
 
     # Records. The manager lock is held for all of these.
 
@@ -397,8 +432,8 @@ class Manager:
         dhs = ref.desc_handlers
         rec = _Record(self, md, mutable=False, parent=mrec.parent_ref(False, dhs), mu=mrec.mu)
         rec.equal_mutable = ref
-        ref._released = ref._passed = True
         self._store.insert(md)
+        ref._released = ref._passed = True
         crash_point("commit.after_insert")
         self._records[md.id] = rec
         immutable = rec.ref(True, dhs)
@@ -418,6 +453,7 @@ class Manager:
         desc_handlers: DescHandlers | None = None,
     ) -> MutableRef:
         """A new writable snapshot on top of `parent`, whose lazy chain is extracted first."""
+        _validate.description(description or "")
         self._check_open()
         record_id = _new_id()
         parent_ref: ImmutableRef | None = None
@@ -435,15 +471,6 @@ class Manager:
                 parent_ref.finalize()
                 parent_ref.extract()
                 parent_snapshot = parent_ref._rec.md.snapshot_id
-            leased = self._create_lease(record_id, "record")
-            crash_point("new.after_lease")
-            try:
-                leased.snapshots(self.snapshotter).prepare(record_id, parent_snapshot)
-            except CacheError:
-                with contextlib.suppress(CacheError):
-                    self._client.leases.delete(record_id)
-                raise
-            crash_point("new.after_prepare")
             md = RecordMeta(
                 record_id,
                 parent=parent_ref.id if parent_ref else "",
@@ -453,12 +480,21 @@ class Manager:
                 record_type=RecordType(record_type).value if record_type else "",
                 created_at=int(created_at.timestamp() * 1e9) if created_at else now_ns(),
             )
-            with self._mu:
-                self._check_open()
-                self._store.insert(md)
-                rec = _Record(self, md, mutable=True, parent=parent_ref)
-                self._records[record_id] = rec
-                return rec.mref(True, dhs)
+            # The row comes first: `open` drops a row whose lease or snapshot never came.
+            self._store.insert(md)
+            try:
+                leased = self._create_lease(record_id, "record")
+                crash_point("new.after_lease")
+                leased.snapshots(self.snapshotter).prepare(record_id, parent_snapshot)
+                crash_point("new.after_prepare")
+                with self._mu:
+                    self._check_open()
+                    rec = _Record(self, md, mutable=True, parent=parent_ref)
+                    self._records[record_id] = rec
+                    return rec.mref(True, dhs)
+            except BaseException:
+                self._drop_unborn(record_id)
+                raise
         except BaseException:
             if parent_ref is not None:
                 parent_ref.release()
@@ -474,6 +510,7 @@ class Manager:
         """An immutable ref on the record; a mutable record with no open handle is committed
         (lazily) first. `NeedsRemoteProvidersError` when a lazy blob of the chain has no
         handler in `desc_handlers`."""
+        _validate.record_id(record_id)
         with self._mu:
             self._check_open()
             ref = self._get(
@@ -498,6 +535,8 @@ class Manager:
         the same chain; else makes a lazy record whose snapshot (named by the chain id) is
         made at extraction. The blob needs no handler when it is in the content store.
         """
+        _validate.descriptor(desc)
+        _validate.description(description or "")
         self._check_open()
         diff_id = blobs.diff_id_of(desc)
         parse_digest(desc.digest)
@@ -586,41 +625,58 @@ class Manager:
             link._release_locked()
             break
         record_id = _new_id()
-        self._create_lease(record_id, "record")
+        # The row comes first, marked deleted until the lease holds the snapshot and the blob:
+        # `open` finishes a creation that stopped in between as a removal.
+        md = RecordMeta(
+            record_id,
+            committed=True,
+            parent=parent_ref.id if parent_ref else "",
+            snapshot_id=snapshot_id,
+            cache_policy=CachePolicy(cache_policy).value,
+            description=description or "",
+            created_at=now_ns(),
+            diff_id=diff_id,
+            chain_id=chain,
+            blob_chain_id=blob_chain,
+            blob=desc.digest,
+            blob_only=blob_only,
+            media_type=desc.media_type,
+            blob_size=desc.size,
+            image_refs=[image_ref] if image_ref else [],
+            deleted=True,
+        )
+        self._store.insert(md)
         try:
+            self._create_lease(record_id, "record")
             self._client.leases.add_resource(
                 record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
             )
             self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
-            md = RecordMeta(
-                record_id,
-                committed=True,
-                parent=parent_ref.id if parent_ref else "",
-                snapshot_id=snapshot_id,
-                cache_policy=CachePolicy(cache_policy).value,
-                description=description or "",
-                created_at=now_ns(),
-                diff_id=diff_id,
-                chain_id=chain,
-                blob_chain_id=blob_chain,
-                blob=desc.digest,
-                blob_only=blob_only,
-                media_type=desc.media_type,
-                blob_size=desc.size,
-                image_refs=[image_ref] if image_ref else [],
-            )
-            self._store.insert(md)
+            md.deleted = False
+            self._store.update(md)
         except BaseException:
-            with contextlib.suppress(CacheError):
-                self._client.leases.delete(record_id)
+            self._drop_unborn(record_id)
             raise
         rec = _Record(self, md, mutable=False, parent=parent_ref)
         self._records[record_id] = rec
         return rec.ref(True, dhs)
 
+    def _drop_unborn(self, record_id: str) -> None:
+        """Undoes a creation that failed: the record's lease if it was made, then its row.
+        A row whose lease cannot be deleted stays for `open` to drop, lease first."""
+        try:
+            self._client.leases.delete(record_id)
+        except NotFoundError:
+            pass
+        except CacheError:
+            return
+        with contextlib.suppress(CacheError):
+            self._store.delete(record_id)
+
     def get_mutable(self, record_id: str) -> MutableRef:
         """The mutable record again; `LockedError` while any ref of it or of its equal
         immutable is open. An unfinalized equal immutable record is dropped."""
+        _validate.record_id(record_id)
         with self._mu:
             self._check_open()
             rec = self._get_record(record_id)
@@ -684,6 +740,7 @@ class Manager:
     def info(self, record_id: str) -> RefInfo:
         """A record's metadata without taking a handle: a mutable record is not committed
         and a lazy one needs no provider. `NotFoundError` for an unknown or removed one."""
+        _validate.record_id(record_id)
         with self._mu:
             self._check_open()
             rec = self._get_record(record_id)

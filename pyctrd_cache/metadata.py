@@ -9,27 +9,42 @@ failure the cache must survive (a power loss may lose the last transactions, nev
 
 The state directory is locked with `flock` while a store is open: a second store on it, in
 any process, fails with `LockedError`.
+
+The store's id (the manager id in the ownership label of every lease) is kept twice: in the
+database and in the file `manager-id` beside it, written once when the store is created. A
+database that was lost or truncated to nothing is created again with the same id, so the
+manager still recognizes its leases and can tell that records were lost. A database that
+SQLite cannot read, or whose id differs from the file's, raises `StoreDamagedError` naming
+the file; `repair=True` moves an unreadable database aside (`metadata.db.damaged-<time>`)
+and starts an empty one with the saved id. Every SQLite error is mapped: a full file system
+to `NoSpaceError` (the transaction is rolled back), anything else to `StoreDamagedError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import pathlib
+import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
 
-from .errors import CacheError, InvalidError, LockedError
+from .errors import CacheError, InvalidError, LockedError, NoSpaceError, StoreDamagedError
 
 DB_NAME: Final = "metadata.db"
+ID_NAME: Final = "manager-id"
 LOCK_NAME: Final = "lock"
+_SQLITE_FULL: Final = 13
+_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 
 _COLUMNS: Final = (
     "id",
@@ -143,23 +158,107 @@ def _from_row(row: sqlite3.Row) -> RecordMeta:
     return RecordMeta(**values)
 
 
-class MetadataStore:
-    """The records of one state directory; thread-safe, one open store per directory."""
+def _is_full(err: sqlite3.Error) -> bool:
+    return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+
+class MetadataStore:
+    """The records of one state directory; thread-safe, one open store per directory.
+
+    `repair` moves an unreadable database aside and starts an empty one with the saved id.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, repair: bool = False) -> None:
         self.state_dir = pathlib.Path(state_dir)
         self.path = self.state_dir / DB_NAME
+        self.id_path = self.state_dir / ID_NAME
         self._mu = threading.Lock()
+        self._db: sqlite3.Connection | None = None
         self._lock_fd = self._lock_directory()
         try:
-            self._db = self._connect()
-            self.manager_id = self._migrate()
-        except sqlite3.DatabaseError as err:
-            self._release_lock()
-            raise CacheError(f"cannot open the metadata store {self.path}: {err}") from None
+            self.manager_id = self._open(repair)
         except BaseException:
+            if self._db is not None:
+                self._db.close()
             self._release_lock()
             raise
+
+    def _open(self, repair: bool) -> str:
+        saved_id = self._read_id()
+        try:
+            with self._mapped():
+                self._db = self._connect()
+                return self._migrate(saved_id)
+        except StoreDamagedError as err:
+            if not repair or err.path != str(self.path):
+                raise
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._move_aside()
+        with self._mapped():
+            self._db = self._connect()
+            return self._migrate(saved_id)
+
+    def _damaged(self, problem: str) -> StoreDamagedError:
+        return StoreDamagedError(
+            f"the metadata store {self.path} is damaged ({problem}); "
+            "Manager.open(..., repair=True) moves it aside and starts an empty one, giving up "
+            "the records it held (containerd then collects their data)",
+            path=str(self.path),
+        )
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """Maps SQLite's errors to the project's: a full disk, or a damaged store."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            if _is_full(err):
+                raise NoSpaceError(
+                    f"no space left to write the metadata store {self.path}: {err}"
+                ) from None
+            raise self._damaged(str(err)) from None
+
+    def _move_aside(self) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for suffix in ("", "-wal", "-shm"):
+            with suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{self.path}.damaged-{stamp}{suffix}")
+
+    def _read_id(self) -> str | None:
+        try:
+            text = self.id_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as err:
+            raise StoreDamagedError(
+                f"cannot read the manager id file {self.id_path}: {err}", path=str(self.id_path)
+            ) from None
+        if not _ID_RE.match(text):
+            raise StoreDamagedError(
+                f"the manager id file {self.id_path} does not hold a manager id; if the "
+                f"metadata store {self.path} is intact, delete the file and it is written again",
+                path=str(self.id_path),
+            )
+        return text
+
+    def _write_id(self, manager_id: str) -> None:
+        """Writes the id file atomically (a new file renamed over it)."""
+        tmp = self.id_path.with_name(ID_NAME + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (manager_id + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.id_path)
+        except OSError as err:
+            with suppress(OSError):
+                tmp.unlink()
+            cls = NoSpaceError if err.errno == errno.ENOSPC else CacheError
+            raise cls(f"cannot write the manager id file {self.id_path}: {err.strerror}") from None
 
     def _lock_directory(self) -> int:
         try:
@@ -191,14 +290,22 @@ class MetadataStore:
         os.close(fd)
         os.chmod(self.path, 0o600)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.execute("PRAGMA quick_check").fetchone()
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise self._damaged("; ".join(problems))
+        except BaseException:
+            db.close()
+            raise
         return db
 
-    def _migrate(self) -> str:
+    def _migrate(self, saved_id: str | None) -> str:
+        """Brings the schema up to date; the store's id (the saved one for a new database)."""
+        assert self._db is not None
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise InvalidError(
@@ -212,26 +319,46 @@ class MetadataStore:
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number + 1}")
             row = db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
-            if row is not None:
-                return str(row[0])
-            manager_id = uuid.uuid4().hex
-            db.execute("INSERT INTO meta (key, value) VALUES ('manager_id', ?)", (manager_id,))
-            return manager_id
+            if row is None:
+                manager_id = saved_id or uuid.uuid4().hex
+                db.execute("INSERT INTO meta (key, value) VALUES ('manager_id', ?)", (manager_id,))
+            else:
+                manager_id = str(row[0])
+            if saved_id is not None and saved_id != manager_id:
+                raise StoreDamagedError(
+                    f"the metadata store {self.path} belongs to manager {manager_id}, but the "
+                    f"id file {self.id_path} says {saved_id}: one of them comes from another "
+                    "state directory; put the right one back",
+                    path=str(self.id_path),
+                )
+        if saved_id is None:
+            self._write_id(manager_id)
+        return manager_id
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._mu:
-            self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction; on any error it is rolled back and SQLite's error mapped."""
+        with self._mu, self._mapped():
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does that).
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-        with self._mu:
-            return self._db.execute(sql, args).fetchall()
+        with self._mu, self._mapped():
+            return self._connection().execute(sql, args).fetchall()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise InvalidError(f"the metadata store {self.path} is closed")
+        return self._db
 
     def all(self) -> list[RecordMeta]:
         return [_from_row(r) for r in self._query(f"SELECT {', '.join(_COLUMNS)} FROM records")]
@@ -277,6 +404,13 @@ class MetadataStore:
             )
             db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in delete])
 
+    def reload(self, meta: RecordMeta) -> None:
+        """Puts the stored row back into `meta` in place (after a write that failed)."""
+        stored = self.get(meta.id)
+        if stored is not None:
+            for f in dataclasses.fields(stored):
+                setattr(meta, f.name, getattr(stored, f.name))
+
     def delete(self, *record_ids: str) -> None:
         """Drops the rows and their external values."""
         self.update(delete=record_ids)
@@ -305,5 +439,7 @@ class MetadataStore:
 
     def close(self) -> None:
         with self._mu:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         self._release_lock()

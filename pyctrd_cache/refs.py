@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import blobs
+from . import _validate, blobs
 from ._faults import crash_point
 from .client import Descriptor, Mount
 from .compression import Compression
@@ -110,9 +110,15 @@ class _Record:
         return self._parent_chain
 
     def save(self) -> None:
-        """Persists the in-memory row (no-op once the record is removed)."""
+        """Persists the in-memory row (no-op once the record is removed); when the write
+        fails, the row is read back so that memory and store still agree."""
         if not self.removed:
-            self.cm._store.update(self.md)
+            try:
+                self.cm._store.update(self.md)
+            except CacheError:
+                with contextlib.suppress(CacheError):
+                    self.cm._store.reload(self.md)
+                raise
 
     def update_last_used(self) -> None:
         self.md.usage_count += 1
@@ -406,6 +412,7 @@ class Ref:
             self._rec.save()
 
     def set_description(self, description: str) -> None:
+        _validate.description(description)
         self._set(description=description)
 
     def set_record_type(self, record_type: RecordType) -> None:

@@ -7,13 +7,15 @@ import json
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal, Protocol, runtime_checkable
+from typing import BinaryIO, Final, Literal, Protocol, runtime_checkable
 
+from . import _validate
 from .client.types import Descriptor
 from .compression import parse_digest
 from .errors import InvalidError, NotFoundError
 
 __all__ = [
+    "DEFAULT_STALL_TIMEOUT",
     "DescHandler",
     "OCILayoutProvider",
     "ProgressEvent",
@@ -48,15 +50,31 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+DEFAULT_STALL_TIMEOUT: Final = 60.0
+
+
 @dataclass
 class DescHandler:
-    """How to fetch one lazy blob, and what to tell about it."""
+    """How to fetch one lazy blob, and what to tell about it.
+
+    A pull fails with `UnavailableError` when the provider makes no progress (its `open`,
+    or one read of its stream, does not return) for `stall_timeout` seconds; the ingest is
+    then aborted and the blocked read abandoned. `annotations` become content labels, so
+    each key and value must fit containerd's label limit (`InvalidError` otherwise).
+    """
 
     provider: Provider
     progress: ProgressCallback | None = None
     snapshot_labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     ref: str = ""
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.stall_timeout > 0:
+            raise InvalidError(f"stall_timeout must be positive, not {self.stall_timeout!r}")
+        _validate.annotation_labels(self.annotations, prefix=_validate.ANNOTATION_LABEL_PREFIX)
+        _validate.annotation_labels(self.snapshot_labels)
 
 
 DescHandlers = Mapping[str, DescHandler]

@@ -24,6 +24,7 @@ from ..errors import (
     FailedPreconditionError,
     InvalidError,
     LockedError,
+    NoSpaceError,
     NotFoundError,
     UnavailableError,
     UnimplementedError,
@@ -53,6 +54,9 @@ _CODE_CLASSES: Final[dict[grpc.StatusCode, tuple[type[CacheError], str]]] = {
 def map_rpc_error(err: grpc.RpcError, rpc: str) -> CacheError:
     """The project error for a failed call: the one place gRPC statuses are translated."""
     code, details = _status(err)
+    if "no space left on device" in details:
+        # ENOSPC in containerd's root, whatever status the call chose to carry it.
+        return NoSpaceError("containerd's file system is full", rpc=rpc, message=details)
     if code is grpc.StatusCode.UNAVAILABLE and " locked" in details:
         # An ingest ref held by another writer stream.
         return LockedError("locked", rpc=rpc, message=details)

@@ -335,7 +335,9 @@ def _usage_error(out: subprocess.CompletedProcess[str], *fragments: str) -> None
     ("args", "fragments"),
     [
         pytest.param(["inspect", "nosuch"], ["no record nosuch"], id="unknown-id"),
-        pytest.param(["inspect", "two\nlines"], ["no record two; lines"], id="multi-line"),
+        pytest.param(
+            ["inspect", "two\nlines"], ["invalid record id 'two\\nlines'"], id="multi-line"
+        ),
         pytest.param(["export", "nosuch", "--oci-layout", "x"], ["no record nosuch"], id="export"),
         pytest.param(
             ["du", "--filter", "description=="],
