@@ -159,7 +159,8 @@ def reopen_after_fault(
         faults=1,
         refused=int(refused),
         repaired=int(not refused or lost > 0),
-        records_lost=lost,
+        records_given_up_by_repair=lost if refused else 0,
+        records_lost_silently=0 if refused else lost,
         leaks=leaks,
     )
     return refused, lost
