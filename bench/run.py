@@ -11,16 +11,22 @@ hits both alike. Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import pathlib
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import httpx
 
 from pyctrd_cache import (
     CachePolicy,
@@ -34,6 +40,8 @@ from pyctrd_cache import (
     UnimplementedError,
     export_layout,
     import_path,
+    pull,
+    push,
 )
 from pyctrd_cache.client import Client
 from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
@@ -339,11 +347,104 @@ def bench_layouts(address: str, work: pathlib.Path, cycles: int, rounds: int) ->
     ]
 
 
+@contextlib.contextmanager
+def _registry(work: pathlib.Path) -> Iterator[str]:
+    """Debian's docker-registry without auth on a free 127.0.0.1 port; yields host:port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{s.getsockname()[1]}"
+    config = {
+        "version": 0.1,
+        "log": {"level": "error"},
+        "storage": {"filesystem": {"rootdirectory": str(work / "registry")}},
+        "http": {"addr": host, "secret": uuid.uuid4().hex},
+    }
+    (work / "registry.yml").write_text(json.dumps(config))
+    process = subprocess.Popen(
+        ["docker-registry", "serve", str(work / "registry.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://{host}/v2/", timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("docker-registry did not start")
+            time.sleep(0.1)
+        yield host
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def bench_registry(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """Push of a ten-layer chain of 16 MiB layers (gzip blobs made beforehand) to a registry
+    on loopback, next to `skopeo copy` of the same image from an OCI layout; lazy pull of it
+    into another namespace, and its extraction."""
+    del cycles
+    layers, layer_size = 10, 16 << 20
+    cm = Manager.open(address, namespace="bench-registry", state_dir=work / "registry-state")
+    other = Manager.open(address, namespace="bench-pulled", state_dir=work / "pulled-state")
+    pushes, copies, pulls, extracts = [], [], [], []
+    with _registry(work) as host:
+        for r in range(max(1, rounds // 2)):
+            refs = _chain(cm, layers, layer_size, seed=r)
+            layout = work / f"registry-layout-{r}"
+            export_layout(refs[-1], layout, tag="v1")  # makes the gzip blobs too
+            started = time.perf_counter()
+            subprocess.run(
+                [
+                    "skopeo",
+                    "copy",
+                    "-q",
+                    "--dest-tls-verify=false",
+                    f"oci:{layout}:v1",
+                    f"docker://{host}/bench/skopeo-{r}:1",
+                ],
+                check=True,
+            )
+            copies.append(time.perf_counter() - started)
+            target = f"{host}/bench/ours-{r}:1"
+            started = time.perf_counter()
+            push(refs[-1], target, insecure=True)
+            pushes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pulled = pull(other, target, insecure=True)
+            pulls.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pulled.extract()
+            extracts.append(time.perf_counter() - started)
+            pulled.release()
+            for ref in refs:
+                ref.release()
+            for m in (cm, other):
+                m.prune(PrunePolicy(all=True))
+            shutil.rmtree(layout)
+    cm.close()
+    other.close()
+    p, c, lp, x = (statistics.median(v) for v in (pushes, copies, pulls, extracts))
+    mb = layers * layer_size / 1e6
+    return [
+        Row(
+            "skopeo copy oci: -> registry, 10 x 16 MiB",
+            f"{c:.2f} s",
+            f"{mb / c:,.0f} MB/s of layers",
+        ),
+        Row("push to the registry", f"{p:.2f} s", f"{mb / p:,.0f} MB/s, {p / c:.2f}x skopeo copy"),
+        Row("lazy pull (manifest, config, HEADs, records)", f"{lp * 1000:.0f} ms", ""),
+        Row("extract of the lazy pull", f"{x:.2f} s", f"{mb / x:,.0f} MB/s"),
+    ]
+
+
 BENCHES = {
     "core": bench_core,
     "remote": bench_remote,
     "usage": bench_usage,
     "layouts": bench_layouts,
+    "registry": bench_registry,
 }
 
 
