@@ -41,11 +41,13 @@ from pyctrd_cache import (
     export_layout,
     import_path,
     pull,
+    pull_layout,
     push,
 )
 from pyctrd_cache.client import Client
 from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
 from pyctrd_cache.compression import decompressed_chunks, media_type_for
+from tests.stargz_fix import write_estargz_layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SNAPSHOTTER = "overlayfs"
@@ -439,12 +441,112 @@ def bench_registry(address: str, work: pathlib.Path, cycles: int, rounds: int) -
     ]
 
 
+_containerd_binary = "containerd"
+"""The containerd under test (set by `main`), for benchmarks that start a daemon of their own."""
+
+
+def bench_stargz(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """Time to the first file read of an eStargz image (two layers, 48 MiB) through the
+    stargz snapshotter (tests/stargz, `-no-background-fetch`): pull, mount, read one small
+    file; next to a full pull-and-extract of the same image on overlayfs, mounted and read
+    the same way. Both on one containerd with both snapshotters, from one registry."""
+    del address, cycles
+    built = subprocess.run(
+        [str(ROOT / "tests" / "stargz" / "build")], capture_output=True, text=True, check=True
+    )
+    sgz = work / "sgz"
+    sgz.mkdir()
+    with _registry(work) as host:
+        snapshotter = subprocess.Popen(
+            [
+                built.stdout.split()[-1],
+                "-address",
+                str(sgz / "stargz.sock"),
+                "-root",
+                str(sgz / "root"),
+                "-no-background-fetch",
+                "-plain-http",
+                host,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (sgz / "stargz.sock").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with EmbeddedContainerd(
+                sgz / "ctrd",
+                _containerd_binary,
+                proxy_snapshotters={"stargz": str(sgz / "stargz.sock")},
+            ) as daemon:
+                lazy, full = _first_reads(daemon.address, work, host, max(1, rounds // 2))
+        finally:
+            snapshotter.terminate()
+            snapshotter.wait()
+            # The FUSE mounts of the snapshotter, if it left any.
+            for line in reversed(pathlib.Path("/proc/self/mountinfo").read_text().splitlines()):
+                point = line.split()[4]
+                if point.startswith(str(sgz) + "/"):
+                    subprocess.run(["umount", "-l", point], check=False)
+    lz, fl = statistics.median(lazy), statistics.median(full)
+    return [
+        Row("first file read, stargz snapshotter (lazy)", f"{lz * 1000:.0f} ms", "48 MiB image"),
+        Row(
+            "first file read after pull and extract",
+            f"{fl * 1000:.0f} ms",
+            f"{fl / lz:.1f}x the stargz time",
+        ),
+    ]
+
+
+def _first_reads(
+    address: str, work: pathlib.Path, host: str, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Seconds to the first read through each snapshotter, one fresh image per round."""
+    source = Manager.open(address, namespace="bench-sgz-src", state_dir=work / "sgz-src")
+    lazy: list[float] = []
+    full: list[float] = []
+    for r in range(rounds):
+        rng = random.Random(r)
+        big = rng.randbytes(32 << 20)
+        trees = [
+            {"usr/lib/big.bin": big, "etc/motd": f"round {r}\n".encode()},
+            {"srv/data.bin": big[: 16 << 20], "etc/hostname": b"bench\n"},
+        ]
+        image = write_estargz_layout(work / f"sgz-layout-{r}", trees, "v1", 1 << 20)
+        pushed = pull_layout(source, image.layout, "v1")
+        target = f"{host}/bench/sgz-{r}:1"
+        push(pushed, target, insecure=True)
+        pushed.release()
+        for snapshotter, out in (("stargz", lazy), ("overlayfs", full))[:: 1 if r % 2 else -1]:
+            cm = Manager.open(
+                address,
+                namespace=f"bench-{snapshotter}-{r}",
+                snapshotter=snapshotter,
+                state_dir=work / f"sgz-{snapshotter}-{r}",
+            )
+            started = time.perf_counter()
+            ref = pull(cm, target, insecure=True, extract=snapshotter == "overlayfs")
+            with ref.mount() as root:
+                (root / "etc" / "motd").read_bytes()
+                out.append(time.perf_counter() - started)
+            ref.release()
+            cm.prune(PrunePolicy(all=True))
+            cm.close()
+        source.prune(PrunePolicy(all=True))
+        shutil.rmtree(image.layout)
+    source.close()
+    return lazy, full
+
+
 BENCHES = {
     "core": bench_core,
     "remote": bench_remote,
     "usage": bench_usage,
     "layouts": bench_layouts,
     "registry": bench_registry,
+    "stargz": bench_stargz,
 }
 
 
@@ -456,6 +558,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    global _containerd_binary
+    _containerd_binary = args.containerd
     work = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-bench-", dir="/tmp"))
     try:
         with EmbeddedContainerd(work / "ctrd", args.containerd) as daemon:

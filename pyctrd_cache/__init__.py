@@ -29,6 +29,7 @@ from .oci import export_layout, import_path, pull_layout
 from .refs import ImmutableRef, MutableRef, Ref
 from .registry import Credentials, RegistryProvider, pull, push
 from .remote import DescHandler, OCILayoutProvider, ProgressEvent, Provider, Remote
+from .remote_snapshots import remote_snapshot_labels
 from .types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "pull",
     "pull_layout",
     "push",
+    "remote_snapshot_labels",
 ]

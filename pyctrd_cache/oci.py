@@ -48,6 +48,7 @@ from .remote import (
     Provider,
     Remote,
 )
+from .remote_snapshots import remote_snapshot_labels
 from .types import CachePolicy, PrunePolicy
 
 __all__ = ["export_layout", "import_path", "machine_platform", "pull_layout"]
@@ -457,18 +458,25 @@ def register_layers(
     extract: bool,
     progress: ProgressCallback | None,
     where: str,
+    registry: bool = False,
 ) -> ImmutableRef:
     """Registers `layers` (parent first, diff ids annotated) as a chain of (lazy) records
     with `get_by_blob` and `provider` handlers, recording `image_ref`; returns a ref on the
     top one. With `extract` the chain is pulled and unpacked. On error, the records this
-    call made are removed."""
+    call made are removed. When `image_ref` names an image in a `registry`, the handlers
+    carry the snapshot labels a remote snapshotter finds the layers with (the stargz
+    mode)."""
     started = datetime.now(UTC)
     made: list[str] = []
     current: ImmutableRef | None = None
     try:
-        for desc in layers:
+        for i, desc in enumerate(layers):
             handler = DescHandler(
-                provider, progress=progress, annotations=dict(desc.annotations), ref=image_ref
+                provider,
+                progress=progress,
+                annotations=dict(desc.annotations),
+                ref=image_ref,
+                snapshot_labels=(remote_snapshot_labels(image_ref, layers, i) if registry else {}),
             )
             ref = cm.get_by_blob(
                 desc, current, desc_handlers={desc.digest: handler}, image_ref=image_ref

@@ -594,7 +594,7 @@ def pull(
         where=where,
     )
     return register_layers(
-        cm, layers, provider, where, extract=extract, progress=progress, where=where
+        cm, layers, provider, where, extract=extract, progress=progress, where=where, registry=True
     )
 
 
