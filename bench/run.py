@@ -11,16 +11,22 @@ hits both alike. Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import pathlib
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import httpx
 
 from pyctrd_cache import (
     CachePolicy,
@@ -34,10 +40,14 @@ from pyctrd_cache import (
     UnimplementedError,
     export_layout,
     import_path,
+    pull,
+    pull_layout,
+    push,
 )
 from pyctrd_cache.client import Client
 from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
 from pyctrd_cache.compression import decompressed_chunks, media_type_for
+from tests.stargz_fix import write_estargz_layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SNAPSHOTTER = "overlayfs"
@@ -339,11 +349,204 @@ def bench_layouts(address: str, work: pathlib.Path, cycles: int, rounds: int) ->
     ]
 
 
+@contextlib.contextmanager
+def _registry(work: pathlib.Path) -> Iterator[str]:
+    """Debian's docker-registry without auth on a free 127.0.0.1 port; yields host:port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{s.getsockname()[1]}"
+    config = {
+        "version": 0.1,
+        "log": {"level": "error"},
+        "storage": {"filesystem": {"rootdirectory": str(work / "registry")}},
+        "http": {"addr": host, "secret": uuid.uuid4().hex},
+    }
+    (work / "registry.yml").write_text(json.dumps(config))
+    process = subprocess.Popen(
+        ["docker-registry", "serve", str(work / "registry.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://{host}/v2/", timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("docker-registry did not start")
+            time.sleep(0.1)
+        yield host
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def bench_registry(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """Push of a ten-layer chain of 16 MiB layers (gzip blobs made beforehand) to a registry
+    on loopback, next to `skopeo copy` of the same image from an OCI layout; lazy pull of it
+    into another namespace, and its extraction."""
+    del cycles
+    layers, layer_size = 10, 16 << 20
+    cm = Manager.open(address, namespace="bench-registry", state_dir=work / "registry-state")
+    other = Manager.open(address, namespace="bench-pulled", state_dir=work / "pulled-state")
+    pushes, copies, pulls, extracts = [], [], [], []
+    with _registry(work) as host:
+        for r in range(max(1, rounds // 2)):
+            refs = _chain(cm, layers, layer_size, seed=r)
+            layout = work / f"registry-layout-{r}"
+            export_layout(refs[-1], layout, tag="v1")  # makes the gzip blobs too
+            started = time.perf_counter()
+            subprocess.run(
+                [
+                    "skopeo",
+                    "copy",
+                    "-q",
+                    "--dest-tls-verify=false",
+                    f"oci:{layout}:v1",
+                    f"docker://{host}/bench/skopeo-{r}:1",
+                ],
+                check=True,
+            )
+            copies.append(time.perf_counter() - started)
+            target = f"{host}/bench/ours-{r}:1"
+            started = time.perf_counter()
+            push(refs[-1], target, insecure=True)
+            pushes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pulled = pull(other, target, insecure=True)
+            pulls.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pulled.extract()
+            extracts.append(time.perf_counter() - started)
+            pulled.release()
+            for ref in refs:
+                ref.release()
+            for m in (cm, other):
+                m.prune(PrunePolicy(all=True))
+            shutil.rmtree(layout)
+    cm.close()
+    other.close()
+    p, c, lp, x = (statistics.median(v) for v in (pushes, copies, pulls, extracts))
+    mb = layers * layer_size / 1e6
+    return [
+        Row(
+            "skopeo copy oci: -> registry, 10 x 16 MiB",
+            f"{c:.2f} s",
+            f"{mb / c:,.0f} MB/s of layers",
+        ),
+        Row("push to the registry", f"{p:.2f} s", f"{mb / p:,.0f} MB/s, {p / c:.2f}x skopeo copy"),
+        Row("lazy pull (manifest, config, HEADs, records)", f"{lp * 1000:.0f} ms", ""),
+        Row("extract of the lazy pull", f"{x:.2f} s", f"{mb / x:,.0f} MB/s"),
+    ]
+
+
+_containerd_binary = "containerd"
+"""The containerd under test (set by `main`), for benchmarks that start a daemon of their own."""
+
+
+def bench_stargz(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """Time to the first file read of an eStargz image (two layers, 48 MiB) through the
+    stargz snapshotter (tests/stargz, `-no-background-fetch`): pull, mount, read one small
+    file; next to a full pull-and-extract of the same image on overlayfs, mounted and read
+    the same way. Both on one containerd with both snapshotters, from one registry."""
+    del address, cycles
+    built = subprocess.run(
+        [str(ROOT / "tests" / "stargz" / "build")], capture_output=True, text=True, check=True
+    )
+    sgz = work / "sgz"
+    sgz.mkdir()
+    with _registry(work) as host:
+        snapshotter = subprocess.Popen(
+            [
+                built.stdout.split()[-1],
+                "-address",
+                str(sgz / "stargz.sock"),
+                "-root",
+                str(sgz / "root"),
+                "-no-background-fetch",
+                "-plain-http",
+                host,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (sgz / "stargz.sock").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with EmbeddedContainerd(
+                sgz / "ctrd",
+                _containerd_binary,
+                proxy_snapshotters={"stargz": str(sgz / "stargz.sock")},
+            ) as daemon:
+                lazy, full = _first_reads(daemon.address, work, host, max(1, rounds // 2))
+        finally:
+            snapshotter.terminate()
+            snapshotter.wait()
+            # The FUSE mounts of the snapshotter, if it left any.
+            for line in reversed(pathlib.Path("/proc/self/mountinfo").read_text().splitlines()):
+                point = line.split()[4]
+                if point.startswith(str(sgz) + "/"):
+                    subprocess.run(["umount", "-l", point], check=False)
+    lz, fl = statistics.median(lazy), statistics.median(full)
+    return [
+        Row("first file read, stargz snapshotter (lazy)", f"{lz * 1000:.0f} ms", "48 MiB image"),
+        Row(
+            "first file read after pull and extract",
+            f"{fl * 1000:.0f} ms",
+            f"{fl / lz:.1f}x the stargz time",
+        ),
+    ]
+
+
+def _first_reads(
+    address: str, work: pathlib.Path, host: str, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Seconds to the first read through each snapshotter, one fresh image per round."""
+    source = Manager.open(address, namespace="bench-sgz-src", state_dir=work / "sgz-src")
+    lazy: list[float] = []
+    full: list[float] = []
+    for r in range(rounds):
+        rng = random.Random(r)
+        big = rng.randbytes(32 << 20)
+        trees = [
+            {"usr/lib/big.bin": big, "etc/motd": f"round {r}\n".encode()},
+            {"srv/data.bin": big[: 16 << 20], "etc/hostname": b"bench\n"},
+        ]
+        image = write_estargz_layout(work / f"sgz-layout-{r}", trees, "v1", 1 << 20)
+        pushed = pull_layout(source, image.layout, "v1")
+        target = f"{host}/bench/sgz-{r}:1"
+        push(pushed, target, insecure=True)
+        pushed.release()
+        for snapshotter, out in (("stargz", lazy), ("overlayfs", full))[:: 1 if r % 2 else -1]:
+            cm = Manager.open(
+                address,
+                namespace=f"bench-{snapshotter}-{r}",
+                snapshotter=snapshotter,
+                state_dir=work / f"sgz-{snapshotter}-{r}",
+            )
+            started = time.perf_counter()
+            ref = pull(cm, target, insecure=True, extract=snapshotter == "overlayfs")
+            with ref.mount() as root:
+                (root / "etc" / "motd").read_bytes()
+                out.append(time.perf_counter() - started)
+            ref.release()
+            cm.prune(PrunePolicy(all=True))
+            cm.close()
+        source.prune(PrunePolicy(all=True))
+        shutil.rmtree(image.layout)
+    source.close()
+    return lazy, full
+
+
 BENCHES = {
     "core": bench_core,
     "remote": bench_remote,
     "usage": bench_usage,
     "layouts": bench_layouts,
+    "registry": bench_registry,
+    "stargz": bench_stargz,
 }
 
 
@@ -355,6 +558,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    global _containerd_binary
+    _containerd_binary = args.containerd
     work = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-bench-", dir="/tmp"))
     try:
         with EmbeddedContainerd(work / "ctrd", args.containerd) as daemon:

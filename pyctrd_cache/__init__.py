@@ -10,6 +10,7 @@ from .compression import Compression
 from .embedded import EmbeddedContainerd
 from .errors import (
     AlreadyExistsError,
+    AuthError,
     CacheError,
     ContainerdError,
     FailedPreconditionError,
@@ -26,15 +27,19 @@ from .errors import (
 from .manager import Manager
 from .oci import export_layout, import_path, pull_layout
 from .refs import ImmutableRef, MutableRef, Ref
+from .registry import Credentials, RegistryProvider, pull, push
 from .remote import DescHandler, OCILayoutProvider, ProgressEvent, Provider, Remote
+from .remote_snapshots import remote_snapshot_labels
 from .types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 
 __all__ = [
     "AlreadyExistsError",
+    "AuthError",
     "CacheError",
     "CachePolicy",
     "Compression",
     "ContainerdError",
+    "Credentials",
     "DescHandler",
     "Descriptor",
     "EmbeddedContainerd",
@@ -57,6 +62,7 @@ __all__ = [
     "RecordType",
     "Ref",
     "RefInfo",
+    "RegistryProvider",
     "Remote",
     "StoreDamagedError",
     "UnavailableError",
@@ -64,5 +70,8 @@ __all__ = [
     "UsageInfo",
     "export_layout",
     "import_path",
+    "pull",
     "pull_layout",
+    "push",
+    "remote_snapshot_labels",
 ]

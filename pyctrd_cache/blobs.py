@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
-from . import _validate
+from . import _validate, remote_snapshots
 from .client import Client, ContentWriter, Descriptor, LeaseResource
 from .compression import (
     OCI_LAYER,
@@ -48,6 +48,7 @@ from .errors import (
 )
 from .mounts import readonly_mounts
 from .remote import DescHandler, DescHandlers, ProgressEvent, Remote
+from .remote_snapshots import Session
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -449,16 +450,27 @@ def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
 # Extraction.
 
 
-def extract(ref: ImmutableRef) -> None:
+def extract(ref: ImmutableRef, session: Session = ()) -> None:
     """Makes the snapshots of the ref's whole chain exist: every lazy blob is pulled
     concurrently, and each layer is applied as soon as its parent is ready and its own blob
-    is here."""
+    is here. In the stargz mode, the layers the snapshotter can mount from the registry are
+    prepared as remote snapshots first, and are neither pulled nor applied."""
     if not ref._rec.md.blob_only:
         return
     cm = ref._rec.cm
     dhs = ref.desc_handlers
-    todo = [r for r in chain_of(ref) if r.md.blob_only]
-    with temporary_lease(cm) as leased:
+    with temporary_lease(cm) as leased, remote_snapshots.remote_labels(ref._rec, dhs, session):
+        if cm.snapshotter == remote_snapshots.STARGZ_SNAPSHOTTER:
+            cm._flight.do(
+                f"prepare-remote-{ref.id}",
+                lambda: remote_snapshots.prepare_remote(ref._rec, dhs, session, leased),
+            )
+        todo = [
+            r
+            for r in chain_of(ref)
+            if r.md.blob_only
+            and not remote_snapshots.is_remote(leased, cm.snapshotter, r.md.snapshot_id)
+        ]
         pulls: list[threading.Thread] = []
         errors: dict[str, BaseException] = {}
         done: dict[str, threading.Event] = {}

@@ -224,14 +224,61 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--tag", metavar="T")
 
-    pull = commands.add_parser(
-        "pull", help="register an OCI layout's layers as (lazy) records; prints the top one"
+    push = commands.add_parser(
+        "push",
+        help="push a record's chain as an image to a registry or an OCI layout; "
+        "prints the manifest digest",
     )
-    pull.add_argument("layout", metavar="LAYOUT[:TAG]")
+    push.add_argument("id", metavar="ID")
+    push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPO[:TAG] or oci-layout:DIR[:TAG]")
+    push.add_argument(
+        "--compression", choices=[c.value for c in Compression], default=Compression.GZIP.value
+    )
+    push.add_argument(
+        "--force-compression",
+        action="store_true",
+        help="convert layers whose blobs use another compression",
+    )
+    _insecure_option(push)
+
+    pull = commands.add_parser(
+        "pull",
+        help="register an image's layers (registry or OCI layout) as (lazy) records; "
+        "prints the top one",
+    )
+    pull.add_argument(
+        "layout", metavar="REF", help="HOST[:PORT]/REPO[:TAG|@DIGEST], oci-layout:DIR[:TAG] or DIR"
+    )
     pull.add_argument("--extract", action="store_true", help="pull and unpack the layers now")
+    _insecure_option(pull)
 
     commands.add_parser("containerd", help="run the embedded containerd in the foreground")
     return parser
+
+
+def _insecure_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain HTTP to a registry on a loopback host"
+    )
+
+
+OCI_LAYOUT_PREFIX: Final = "oci-layout:"
+
+
+def layout_of(text: str) -> tuple[str, str | None] | None:
+    """`(DIR, TAG)` when `text` names an OCI layout (`oci-layout:DIR[:TAG]`, or a path that
+    is not a registry reference: it starts with `/` or `.`, or its first component names
+    no host), else None (a registry reference)."""
+    if text.startswith(OCI_LAYOUT_PREFIX):
+        return split_layout(text.removeprefix(OCI_LAYOUT_PREFIX))
+    first, slash, _ = text.partition("/")
+    if (
+        text.startswith((".", "/"))
+        or not slash
+        or not ("." in first or ":" in first or first == "localhost")
+    ):
+        return split_layout(text)
+    return None
 
 
 def _format_option(parser: argparse.ArgumentParser) -> None:
@@ -586,12 +633,49 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull(args: argparse.Namespace) -> int:
-    from . import oci
+def _push(args: argparse.Namespace) -> int:
+    from . import oci, registry
 
-    layout, tag = split_layout(args.layout)
+    layout = layout_of(args.ref) if args.ref.startswith(OCI_LAYOUT_PREFIX) else None
+    compression = Compression(args.compression)
     with _manager(args) as cm, progress_bar(sys.stderr) as progress:
-        ref = oci.pull_layout(cm, layout, tag, extract=args.extract, progress=progress)
+        ref = cm.get(args.id)
+        try:
+            if layout is not None:
+                manifest = oci.export_layout(
+                    ref,
+                    layout[0],
+                    compression=compression,
+                    force_compression=args.force_compression,
+                    tag=layout[1],
+                    progress=progress,
+                )
+            else:
+                manifest = registry.push(
+                    ref,
+                    args.ref,
+                    compression=compression,
+                    force_compression=args.force_compression,
+                    insecure=args.insecure,
+                    progress=progress,
+                )
+        finally:
+            ref.release()
+    print(manifest.digest)
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import oci, registry
+
+    layout = layout_of(args.layout)
+    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
+        if layout is not None:
+            ref = oci.pull_layout(cm, *layout, extract=args.extract, progress=progress)
+        else:
+            ref = registry.pull(
+                cm, args.layout, insecure=args.insecure, extract=args.extract, progress=progress
+            )
         record_id = ref.id
         ref.release()
     print(record_id)
@@ -623,6 +707,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "inspect": _inspect,
     "import": _import,
     "export": _export,
+    "push": _push,
     "pull": _pull,
     "containerd": _containerd,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Mapping
 from typing import Final
 
 __all__ = ["daemon_config", "parse_version"]
@@ -42,11 +43,19 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def daemon_config(*, root: str, state: str, address: str, major: int) -> str:
+def daemon_config(
+    *,
+    root: str,
+    state: str,
+    address: str,
+    major: int,
+    proxy_snapshotters: Mapping[str, str] | None = None,
+) -> str:
     """The config file of a containerd `major`.x that serves only the Unix socket `address`
     (no TCP listener) and keeps all its data below `root` and `state`.
 
     Schema version 2 for containerd 1.x, 3 for 2.x; the CRI plugins are disabled.
+    `proxy_snapshotters` maps snapshotter names to the Unix sockets of proxy snapshotters.
     """
     if major not in _DISABLED_PLUGINS:
         raise ValueError(f"unsupported containerd major version {major}")
@@ -67,6 +76,16 @@ def daemon_config(*, root: str, state: str, address: str, major: int) -> str:
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {_toml_string(os.path.join(root, 'opt'))}",
             "",
+            *(
+                line
+                for name, socket in sorted((proxy_snapshotters or {}).items())
+                for line in (
+                    f"[proxy_plugins.{_toml_string(name)}]",
+                    '  type = "snapshot"',
+                    f"  address = {_toml_string(socket)}",
+                    "",
+                )
+            ),
         ]
     )
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Final
 
@@ -40,6 +41,8 @@ class EmbeddedContainerd:
 
     `start` waits until the daemon answers; `stop` sends SIGTERM, then SIGKILL after
     `stop_timeout`. The daemon's log is kept in `log_path` and quoted in errors.
+    `proxy_snapshotters` maps snapshotter names (`stargz`) to the Unix sockets of proxy
+    snapshotters already listening.
     """
 
     def __init__(
@@ -49,7 +52,9 @@ class EmbeddedContainerd:
         *,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
+        proxy_snapshotters: Mapping[str, str] | None = None,
     ) -> None:
+        self.proxy_snapshotters = dict(proxy_snapshotters or {})
         self.root_dir = pathlib.Path(root_dir).absolute()
         self.binary = binary
         self.start_timeout = start_timeout
@@ -86,6 +91,7 @@ class EmbeddedContainerd:
                 state=str(self.root_dir / "state"),
                 address=self.address,
                 major=major,
+                proxy_snapshotters=self.proxy_snapshotters,
             )
         )
         with open(self.log_path, "ab") as log:

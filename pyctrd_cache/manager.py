@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Final
 
-from . import _validate, blobs, filters
+from . import _validate, blobs, filters, remote_snapshots
 from ._faults import crash_point
 from ._singleflight import SingleFlight
 from .client import DEFAULT_ADDRESS, Client, ContentService, Descriptor, LeaseResource, SnapshotKind
@@ -49,7 +49,6 @@ OWNER_LABEL: Final = "pyctrd-cache/manager"
 """On every lease a manager creates; the value is the id of the manager's metadata store."""
 KIND_LABEL: Final = "pyctrd-cache/kind"
 DEFAULT_NAMESPACE: Final = "pyctrd"
-_REMOTE_SNAPSHOT_LABEL: Final = "containerd.io/snapshot/remote"
 
 
 def default_state_dir() -> pathlib.Path:
@@ -251,11 +250,7 @@ class Manager:
             self._client.content.info(rec.md.blob)
         except NotFoundError:
             return True
-        try:
-            info = self._client.snapshots(self.snapshotter).stat(rec.md.snapshot_id)
-        except NotFoundError:
-            return False
-        return _REMOTE_SNAPSHOT_LABEL in info.labels
+        return remote_snapshots.is_remote(self._client, self.snapshotter, rec.md.snapshot_id)
 
     # Reconciliation.
 
@@ -451,8 +446,12 @@ class Manager:
         record_type: RecordType | None = None,
         created_at: datetime | None = None,
         desc_handlers: DescHandlers | None = None,
+        session: Sequence[str] = (),
     ) -> MutableRef:
-        """A new writable snapshot on top of `parent`, whose lazy chain is extracted first."""
+        """A new writable snapshot on top of `parent`, whose lazy chain is extracted first.
+
+        `session` is the caller's session ids, handed to a remote snapshotter with the
+        chain's labels in the stargz mode (see `pyctrd_cache.remote_snapshots`)."""
         _validate.description(description or "")
         self._check_open()
         record_id = _new_id()
@@ -469,7 +468,7 @@ class Manager:
             parent_snapshot = ""
             if parent_ref is not None:
                 parent_ref.finalize()
-                parent_ref.extract()
+                parent_ref.extract(session=session)
                 parent_snapshot = parent_ref._rec.md.snapshot_id
             md = RecordMeta(
                 record_id,
@@ -485,7 +484,9 @@ class Manager:
             try:
                 leased = self._create_lease(record_id, "record")
                 crash_point("new.after_lease")
-                leased.snapshots(self.snapshotter).prepare(record_id, parent_snapshot)
+                parent_rec = parent_ref._rec if parent_ref is not None else None
+                with remote_snapshots.remote_labels(parent_rec, dhs, session):
+                    leased.snapshots(self.snapshotter).prepare(record_id, parent_snapshot)
                 crash_point("new.after_prepare")
                 with self._mu:
                     self._check_open()

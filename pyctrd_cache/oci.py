@@ -27,6 +27,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Final, Literal
 
@@ -39,7 +40,15 @@ from .compression import Compression, from_media_type, parse_digest
 from .errors import CacheError, InvalidError, NotFoundError
 from .manager import Manager
 from .refs import ImmutableRef, MutableRef
-from .remote import DescHandler, OCILayoutProvider, ProgressCallback, ProgressEvent
+from .remote import (
+    DescHandler,
+    OCILayoutProvider,
+    ProgressCallback,
+    ProgressEvent,
+    Provider,
+    Remote,
+)
+from .remote_snapshots import remote_snapshot_labels
 from .types import CachePolicy, PrunePolicy
 
 __all__ = ["export_layout", "import_path", "machine_platform", "pull_layout"]
@@ -53,10 +62,10 @@ DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
 REF_NAME: Final = "org.opencontainers.image.ref.name"
 HISTORY_COMMENT: Final = "pyctrd-cache.exporter.oci.v0"
 
-_INDEXES: Final = (OCI_INDEX, DOCKER_MANIFEST_LIST)
-_MANIFESTS: Final = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEXES: Final = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+MANIFESTS: Final = (OCI_MANIFEST, DOCKER_MANIFEST)
 _CHUNK: Final = 1 << 20
-_MAX_JSON: Final = 16 << 20
+MAX_JSON: Final = 16 << 20
 """The largest index, manifest or config blob read into memory."""
 _MAX_NESTING: Final = 8
 _GZIP_MAGIC: Final = b"\x1f\x8b"
@@ -137,29 +146,12 @@ def export_layout(
     _check_layout(root)
     remote = ref.get_remote(compression=compression, force_compression=force_compression)
     _prepare_layout(root)
-    history = _history(ref, len(remote.descriptors))
-    layers: list[Descriptor] = []
+    image = image_of(ref, remote)
     for desc in remote.descriptors:
         _write_stream_blob(root, desc, lambda desc=desc: remote.provider.open(desc), progress)  # type: ignore[misc]
-        layers.append(
-            Descriptor(desc.media_type, desc.digest, desc.size, _manifest_annotations(desc))
-        )
-    diff_ids = [_diff_id(desc) for desc in remote.descriptors]
-    config: dict[str, Any] = {
-        **({"created": history[-1]["created"]} if history else {}),
-        **machine_platform(),
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": history,
-    }
-    config_desc = _write_json_blob(root, OCI_CONFIG, config)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config_desc.to_oci(),
-        "layers": [d.to_oci() for d in layers],
-    }
-    manifest_desc = _write_json_blob(root, OCI_MANIFEST, manifest)
+    _write_bytes_blob(root, image.config_desc, image.config)
+    manifest_desc = image.manifest_desc
+    _write_bytes_blob(root, manifest_desc, image.manifest)
     named = Descriptor(OCI_MANIFEST, manifest_desc.digest, manifest_desc.size, {REF_NAME: name})
     with _layout_lock(root):
         index = _read_index(root)
@@ -177,6 +169,52 @@ def export_layout(
         }
         _atomic_write(root / "index.json", _json_bytes(index, indent=True))
     return named
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image of a record's chain: its config and manifest, serialized, and their
+    descriptors."""
+
+    config: bytes
+    config_desc: Descriptor
+    manifest: bytes
+    manifest_desc: Descriptor
+
+
+def image_of(ref: ImmutableRef, remote: Remote) -> Image:
+    """The OCI config (`rootfs.diff_ids` from the layers' `containerd.io/uncompressed`
+    annotations, one history entry per record) and manifest of `remote`, the remote of
+    `ref`."""
+    history = _history(ref, len(remote.descriptors))
+    layers = [
+        Descriptor(desc.media_type, desc.digest, desc.size, _manifest_annotations(desc))
+        for desc in remote.descriptors
+    ]
+    diff_ids = [_diff_id(desc) for desc in remote.descriptors]
+    config_doc: dict[str, Any] = {
+        **({"created": history[-1]["created"]} if history else {}),
+        **machine_platform(),
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+    }
+    config = _json_bytes(config_doc)
+    config_desc = Descriptor(OCI_CONFIG, _sha256(config), len(config))
+    manifest_doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config_desc.to_oci(),
+        "layers": [d.to_oci() for d in layers],
+    }
+    manifest = _json_bytes(manifest_doc)
+    return Image(
+        config, config_desc, manifest, Descriptor(OCI_MANIFEST, _sha256(manifest), len(manifest))
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _check_tag(tag: str) -> str:
@@ -278,17 +316,12 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
-def _write_json_blob(
-    root: pathlib.Path, media_type: str, document: Mapping[str, Any]
-) -> Descriptor:
-    data = _json_bytes(document)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = _blob_path(root, digest)
+def _write_bytes_blob(root: pathlib.Path, desc: Descriptor, data: bytes) -> None:
+    path = _blob_path(root, desc.digest)
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size == len(data):
-            return Descriptor(media_type, digest, len(data))
+            return
     _atomic_write(path, data)
-    return Descriptor(media_type, digest, len(data))
 
 
 def _write_stream_blob(
@@ -390,16 +423,60 @@ def pull_layout(
     provider = OCILayoutProvider(root)
     index = _read_index(root)
     name, entry = _select_entry(index, tag, root)
-    manifest_desc, manifest = _resolve_manifest(provider, entry, root)
-    layers = _layer_descriptors(provider, manifest_desc, manifest, root)
+
+    def read_json(desc: Descriptor) -> dict[str, Any]:
+        return _read_json_blob(provider, desc)
+
+    def check_blob(desc: Descriptor) -> None:
+        try:
+            size = provider.blob_path(desc.digest).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"layer blob {desc.digest} is not in the OCI layout {root}"
+            ) from None
+        if size != desc.size:
+            raise InvalidError(
+                f"layer blob {desc.digest} in {root} has {size} bytes, not {desc.size}"
+            )
+
+    manifest_desc, manifest = resolve_manifest(entry, read_json, str(root))
+    layers = layer_descriptors(
+        manifest_desc, manifest, read_config=read_json, check_blob=check_blob, where=str(root)
+    )
     image_ref = f"oci-layout:{root}:{name}" if name else f"oci-layout:{root}@{manifest_desc.digest}"
+    return register_layers(
+        cm, layers, provider, image_ref, extract=extract, progress=progress, where=str(root)
+    )
+
+
+def register_layers(
+    cm: Manager,
+    layers: Sequence[Descriptor],
+    provider: Provider,
+    image_ref: str,
+    *,
+    extract: bool,
+    progress: ProgressCallback | None,
+    where: str,
+    registry: bool = False,
+) -> ImmutableRef:
+    """Registers `layers` (parent first, diff ids annotated) as a chain of (lazy) records
+    with `get_by_blob` and `provider` handlers, recording `image_ref`; returns a ref on the
+    top one. With `extract` the chain is pulled and unpacked. On error, the records this
+    call made are removed. When `image_ref` names an image in a `registry`, the handlers
+    carry the snapshot labels a remote snapshotter finds the layers with (the stargz
+    mode)."""
     started = datetime.now(UTC)
     made: list[str] = []
     current: ImmutableRef | None = None
     try:
-        for desc in layers:
+        for i, desc in enumerate(layers):
             handler = DescHandler(
-                provider, progress=progress, annotations=dict(desc.annotations), ref=image_ref
+                provider,
+                progress=progress,
+                annotations=dict(desc.annotations),
+                ref=image_ref,
+                snapshot_labels=(remote_snapshot_labels(image_ref, layers, i) if registry else {}),
             )
             ref = cm.get_by_blob(
                 desc, current, desc_handlers={desc.digest: handler}, image_ref=image_ref
@@ -416,7 +493,7 @@ def pull_layout(
             ):
                 made.append(ref.id)
         if current is None:
-            raise InvalidError(f"the manifest {manifest_desc.digest} in {root} has no layers")
+            raise InvalidError(f"no layers to register from {where}")
         if extract:
             current.extract()
     except BaseException:
@@ -452,7 +529,7 @@ def _select_entry(
     entries = [e for e in index.get("manifests") or [] if isinstance(e, Mapping)]
     if tag is None:
         if len(entries) == 1:
-            return _ref_name(entries[0]) or "", _descriptor(entries[0], root)
+            return _ref_name(entries[0]) or "", descriptor(entries[0], root)
         tag = "latest"
     candidates = [e for e in entries if _ref_name(e) == tag]
     if not candidates:
@@ -467,27 +544,28 @@ def _select_entry(
             raise NotFoundError(
                 f"no manifest tagged {tag!r} for {_platform_name(wanted)} in the OCI layout {root}"
             )
-    return tag, _descriptor(candidates[0], root)
+    return tag, descriptor(candidates[0], root)
 
 
 def _platform_name(p: Mapping[str, str]) -> str:
     return "/".join(v for v in (p["os"], p["architecture"], p.get("variant", "")) if v)
 
 
-def _descriptor(entry: Mapping[str, Any], root: pathlib.Path) -> Descriptor:
+def descriptor(entry: Mapping[str, Any], where: str | pathlib.Path) -> Descriptor:
+    """A descriptor of an index or manifest in `where`, checked."""
     try:
         desc = Descriptor.from_oci(entry)
     except (KeyError, TypeError, ValueError) as err:
-        raise InvalidError(f"malformed descriptor {dict(entry)!r} in {root}: {err}") from None
-    parse_digest(desc.digest, what=f"digest in {root}")
+        raise InvalidError(f"malformed descriptor {dict(entry)!r} in {where}: {err}") from None
+    parse_digest(desc.digest, what=f"digest in {where}")
     if desc.size < 0:
-        raise InvalidError(f"negative size of {desc.digest} in {root}")
+        raise InvalidError(f"negative size of {desc.digest} in {where}")
     return desc
 
 
 def _read_json_blob(provider: OCILayoutProvider, desc: Descriptor) -> dict[str, Any]:
     """An index, manifest or config blob of the layout, checked against its descriptor."""
-    if desc.size > _MAX_JSON:
+    if desc.size > MAX_JSON:
         raise InvalidError(f"blob {desc.digest} is too large for a {desc.media_type}")
     path = provider.blob_path(desc.digest)
     try:
@@ -496,11 +574,17 @@ def _read_json_blob(provider: OCILayoutProvider, desc: Descriptor) -> dict[str, 
         raise NotFoundError(
             f"blob {desc.digest} is not in the OCI layout {provider.path}"
         ) from None
+    return parse_json_blob(desc, data, str(provider.path))
+
+
+def parse_json_blob(desc: Descriptor, data: bytes, where: str) -> dict[str, Any]:
+    """An index, manifest or config blob read from `where`, checked against its
+    descriptor (size, digest, and the media type it declares)."""
     algorithm = desc.digest.partition(":")[0]
     seen = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
     if len(data) != desc.size or seen != desc.digest:
         raise InvalidError(
-            f"blob {desc.digest} in {provider.path} does not match its descriptor "
+            f"blob {desc.digest} in {where} does not match its descriptor "
             f"({len(data)} bytes, digest {seen})"
         )
     try:
@@ -510,71 +594,68 @@ def _read_json_blob(provider: OCILayoutProvider, desc: Descriptor) -> dict[str, 
     if not isinstance(document, dict):
         raise InvalidError(f"blob {desc.digest} is not a JSON object")
     declared = document.get("mediaType")
-    if declared and desc.media_type in (*_INDEXES, *_MANIFESTS) and declared != desc.media_type:
+    if declared and desc.media_type in (*INDEXES, *MANIFESTS) and declared != desc.media_type:
         raise InvalidError(
             f"blob {desc.digest} is a {declared}, but its descriptor says {desc.media_type}"
         )
     return document
 
 
-def _resolve_manifest(
-    provider: OCILayoutProvider, desc: Descriptor, root: pathlib.Path
+def resolve_manifest(
+    desc: Descriptor, read_json: Callable[[Descriptor], dict[str, Any]], where: str
 ) -> tuple[Descriptor, dict[str, Any]]:
-    """Follows image indexes down to the image manifest for this machine's platform."""
+    """Follows image indexes down to the image manifest for this machine's platform;
+    `read_json` reads an index or manifest blob."""
     wanted = machine_platform()
     for _ in range(_MAX_NESTING):
-        if desc.media_type in _MANIFESTS:
-            return desc, _read_json_blob(provider, desc)
-        if desc.media_type not in _INDEXES:
-            raise InvalidError(f"unsupported manifest media type {desc.media_type!r} in {root}")
-        index = _read_json_blob(provider, desc)
+        if desc.media_type in MANIFESTS:
+            return desc, read_json(desc)
+        if desc.media_type not in INDEXES:
+            raise InvalidError(f"unsupported manifest media type {desc.media_type!r} in {where}")
+        index = read_json(desc)
         entries = [e for e in index.get("manifests") or [] if isinstance(e, Mapping)]
         matching = [e for e in entries if _platform_matches(wanted, e.get("platform"))]
         if not matching and len(entries) == 1 and "platform" not in entries[0]:
             matching = entries
         if not matching:
             raise NotFoundError(
-                f"the image index {desc.digest} in {root} has no manifest for "
+                f"the image index {desc.digest} in {where} has no manifest for "
                 f"{_platform_name(wanted)}"
             )
-        desc = _descriptor(matching[0], root)
-    raise InvalidError(f"image indexes nested too deeply in {root}")
+        desc = descriptor(matching[0], where)
+    raise InvalidError(f"image indexes nested too deeply in {where}")
 
 
-def _layer_descriptors(
-    provider: OCILayoutProvider,
+def layer_descriptors(
     manifest_desc: Descriptor,
     manifest: Mapping[str, Any],
-    root: pathlib.Path,
+    *,
+    read_config: Callable[[Descriptor], dict[str, Any]],
+    check_blob: Callable[[Descriptor], None],
+    where: str,
 ) -> list[Descriptor]:
-    """The manifest's layers, each with its diff id annotated, after checking that every
-    blob is in the layout with its size."""
+    """The manifest's layers, each with its diff id annotated (its
+    `containerd.io/uncompressed` annotation, else the config's `rootfs.diff_ids`), after
+    `check_blob` has accepted every layer blob."""
     raw_layers = manifest.get("layers")
     if not isinstance(raw_layers, list) or not isinstance(manifest.get("config"), Mapping):
-        raise InvalidError(f"the manifest {manifest_desc.digest} in {root} is malformed")
-    config_desc = _descriptor(manifest["config"], root)
-    layers = [_descriptor(layer, root) for layer in raw_layers]
+        raise InvalidError(f"the manifest {manifest_desc.digest} in {where} is malformed")
+    if not raw_layers:
+        raise InvalidError(f"the manifest {manifest_desc.digest} in {where} has no layers")
+    config_desc = descriptor(manifest["config"], where)
+    layers = [descriptor(layer, where) for layer in raw_layers]
     for desc in layers:
         if from_media_type(desc.media_type) is None:
             raise InvalidError(f"unsupported layer media type {desc.media_type!r} of {desc.digest}")
-        try:
-            size = provider.blob_path(desc.digest).stat().st_size
-        except FileNotFoundError:
-            raise NotFoundError(
-                f"layer blob {desc.digest} is not in the OCI layout {root}"
-            ) from None
-        if size != desc.size:
-            raise InvalidError(
-                f"layer blob {desc.digest} in {root} has {size} bytes, not {desc.size}"
-            )
+        check_blob(desc)
     diff_ids: list[Any] = []
     if any(UNCOMPRESSED_LABEL not in d.annotations for d in layers):
-        config = _read_json_blob(provider, config_desc)
+        config = read_config(config_desc)
         rootfs = config.get("rootfs")
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, Mapping) else None  # type: ignore[assignment]
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise InvalidError(
-                f"the config {config_desc.digest} in {root} does not list one diff id per layer"
+                f"the config {config_desc.digest} in {where} does not list one diff id per layer"
             )
     out = []
     for i, desc in enumerate(layers):

@@ -29,6 +29,7 @@ from .errors import CacheError, InvalidError, NotFoundError
 from .metadata import RecordMeta
 from .mounts import readonly_mounts
 from .remote import DescHandlers, Remote
+from .remote_snapshots import Session, remote_labels
 from .types import CachePolicy, RecordType, RefInfo
 
 if TYPE_CHECKING:
@@ -348,17 +349,18 @@ class Ref:
     def release(self) -> None:
         raise NotImplementedError
 
-    def mounts(self, readonly: bool) -> list[Mount]:
-        """The containerd mounts of the record's snapshot."""
+    def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
+        """The containerd mounts of the record's snapshot; `session` is the caller's session
+        ids, for a remote snapshotter (the stargz mode)."""
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def mount(self, readonly: bool = True) -> Iterator[pathlib.Path]:
+    def mount(self, readonly: bool = True, *, session: Session = ()) -> Iterator[pathlib.Path]:
         """Mounts the record on a temporary directory, unmounted (and removed) on exit.
 
         Needs the privilege to mount (root, or CAP_SYS_ADMIN).
         """
-        mounts = self.mounts(readonly)
+        mounts = self.mounts(readonly, session=session)
         target = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-mount-"))
         mounted: list[pathlib.Path] = []
         try:
@@ -486,17 +488,21 @@ class ImmutableRef(Ref):
         with self._rec.mu:
             self._rec.finalize()
 
-    def mounts(self, readonly: bool) -> list[Mount]:
-        """The record's mounts; a lazy chain is extracted first."""
+    def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
+        """The record's mounts; a lazy chain is extracted first (in the stargz mode, its
+        remote layers are mounted from the registry instead)."""
         self._check()
-        blobs.extract(self)
-        with self._rec.mu:
+        blobs.extract(self, session)
+        with remote_labels(self._rec, self.desc_handlers, session), self._rec.mu:
             return self._rec.mounts(readonly)
 
-    def extract(self) -> None:
-        """Makes the snapshot exist, pulling and applying the chain's lazy blobs."""
+    def extract(self, *, session: Session = ()) -> None:
+        """Makes the snapshot exist, pulling and applying the chain's lazy blobs; in the
+        stargz mode, the layers the snapshotter can mount from the registry are prepared as
+        remote snapshots instead, and stay lazy. `session` is the caller's session ids,
+        handed to the remote snapshotter as temporary labels."""
         self._check()
-        blobs.extract(self)
+        blobs.extract(self, session)
 
     def set_blob(self, desc: Descriptor) -> None:
         """Associates a blob already in the content store with the record (its compression
@@ -548,9 +554,13 @@ class MutableRef(Ref):
             self._check()
             return cm._commit(self)
 
-    def mounts(self, readonly: bool) -> list[Mount]:
+    def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
         self._check()
-        with self._rec.mu:
+        parent = self._rec.parent
+        with (
+            remote_labels(parent._rec if parent else None, self.desc_handlers, session),
+            self._rec.mu,
+        ):
             return self._rec.mounts(readonly)
 
     def apply(self, layer: bytes | BinaryIO | Descriptor, *, media_type: str | None = None) -> None:

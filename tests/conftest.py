@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fix_containerd"]
+pytest_plugins = ["tests.fix_containerd", "tests.registry_fix", "tests.stargz_fix"]

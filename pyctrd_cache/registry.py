@@ -1,0 +1,819 @@
+"""OCI distribution registries: `RegistryProvider` serves an image's blobs to lazy records,
+`push` sends a record's chain as an image, and `pull` registers an image's layers as (lazy)
+records.
+
+A reference names its registry host (`host[:port]/repository[:tag][@digest]`); there is no
+default host. Requests go over HTTPS, or plain HTTP with `insecure=True` (loopback hosts
+only). Access follows the registry's `WWW-Authenticate` challenge: Basic with the
+credentials, or a Bearer token from the challenge's realm (anonymous, or with the
+credentials: an OAuth2 POST first, the GET form when the token server has no POST).
+Credentials not given come from the Docker config file (`$DOCKER_CONFIG/config.json`, else
+`~/.docker/config.json`, its `auths` entries).
+Connection errors and 5xx answers are retried within a bounded budget.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Final
+
+import httpx
+import tenacity
+
+from .blobs import DISTRIBUTION_SOURCE_PREFIX
+from .client import Descriptor
+from .compression import Compression, parse_digest
+from .errors import AuthError, CacheError, InvalidError, NotFoundError, UnavailableError
+from .manager import Manager
+from .oci import (
+    INDEXES,
+    MANIFESTS,
+    MAX_JSON,
+    image_of,
+    layer_descriptors,
+    parse_json_blob,
+    register_layers,
+    resolve_manifest,
+)
+from .refs import ImmutableRef
+from .remote import ProgressCallback, ProgressEvent
+
+__all__ = ["Credentials", "Reference", "RegistryProvider", "parse_reference", "pull", "push"]
+
+_COMPONENT: Final = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST: Final = (
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])"
+)
+_REFERENCE_RE: Final = re.compile(
+    rf"^(?P<host>{_HOST}(?::[0-9]+)?)/(?P<repository>{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[A-Za-z0-9_+.-]+:[0-9a-fA-F]+))?$"
+)
+_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
+_ACCEPT: Final = ", ".join((*MANIFESTS, *INDEXES))
+_CHUNK: Final = 1 << 20
+_TIMEOUT: Final = httpx.Timeout(30.0, connect=10.0)
+_RETRY_ATTEMPTS: Final = 4
+_RETRY_SECONDS: Final = 30.0
+_CHALLENGE_RE: Final = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+# References.
+
+
+@dataclass(frozen=True)
+class Reference:
+    """`host[:port]/repository[:tag][@digest]`."""
+
+    host: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def tag_or_digest(self) -> str:
+        """What the manifest endpoint is asked for: the digest, else the tag, else `latest`."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def hostname(self) -> str:
+        """The host without its port."""
+        if self.host.startswith("["):
+            return self.host.partition("]")[0] + "]"
+        return self.host.rsplit(":", 1)[0] if ":" in self.host else self.host
+
+    def __str__(self) -> str:
+        text = f"{self.host}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_reference(text: str) -> Reference:
+    """Parses `host[:port]/repository[:tag][@digest]`; `InvalidError` when the reference is
+    malformed or names no registry host (a first component without `.` or `:` that is not
+    `localhost`)."""
+    m = _REFERENCE_RE.match(text)
+    host = text.partition("/")[0]
+    if m is None or not ("." in host or ":" in host or host == "localhost"):
+        raise InvalidError(
+            f"invalid registry reference {text!r} "
+            "(expected HOST[:PORT]/REPOSITORY[:TAG][@DIGEST], with the registry's host)"
+        )
+    digest = m["digest"]
+    if digest is not None:
+        parse_digest(digest, what=f"digest of {text}")
+    return Reference(m["host"], m["repository"], m["tag"], digest)
+
+
+# Credentials.
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password, or an identity token (an OAuth2 refresh token)."""
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r})"
+
+
+def docker_config_credentials(host: str) -> Credentials | None:
+    """The `auths` entry for `host` in the Docker config file, if any."""
+    directory = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    path = pathlib.Path(directory) / "config.json"
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise InvalidError(f"cannot read the Docker config {path}: {err}") from None
+    auths = document.get("auths") if isinstance(document, Mapping) else None
+    if not isinstance(auths, Mapping):
+        return None
+    for key, entry in auths.items():
+        if not isinstance(entry, Mapping) or _config_host(str(key)) != host:
+            continue
+        username = str(entry.get("username") or "")
+        password = str(entry.get("password") or "")
+        if encoded := entry.get("auth"):
+            try:
+                username, _, password = base64.b64decode(str(encoded)).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidError(f"the auth of {key!r} in {path} is not base64") from None
+        token = str(entry.get("identitytoken") or "")
+        if username or password or token:
+            return Credentials(username, password, token)
+    return None
+
+
+def _config_host(key: str) -> str:
+    """`https://host:5000/v1/` and `host:5000` both give `host:5000`."""
+    return key.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    """The scheme (lower case) and parameters of a `WWW-Authenticate` header."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m[1].lower(): (m[2].replace('\\"', '"') if m[2] is not None else m[3])
+        for m in _CHALLENGE_RE.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+# The HTTP session.
+
+
+class _Retryable(Exception):
+    """A 5xx answer, retried within the budget."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        super().__init__(f"HTTP {response.status_code}")
+
+
+Body = bytes | Callable[[], Iterable[bytes]] | None
+
+
+class _Session:
+    """One registry host: an httpx client (connection reuse), the credentials and the
+    tokens got so far (by scope). Thread-safe."""
+
+    def __init__(self, ref: Reference, auth: Credentials | None, insecure: bool) -> None:
+        if insecure and ref.hostname not in _LOOPBACK_HOSTS:
+            raise InvalidError(f"{ref}: plain HTTP (insecure) is allowed only on loopback hosts")
+        self.ref = ref
+        self.base = f"{'http' if insecure else 'https'}://{ref.host}"
+        self._auth = auth if auth is not None else docker_config_credentials(ref.host)
+        self._http = httpx.Client(timeout=_TIMEOUT, follow_redirects=False)
+        self._finalizer = weakref.finalize(self, self._http.close)
+        self._mu = threading.Lock()
+        self._scheme = ""
+        self._tokens: dict[str, str] = {}
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def url(self, repository: str, kind: str, name: str = "") -> str:
+        return f"{self.base}/v2/{repository}/{kind}/{name}"
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scopes: Iterable[str],
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        body: Body = None,
+        stream: bool = False,
+        follow_redirects: bool = False,
+    ) -> httpx.Response:
+        """Sends the request with the authorization the registry asked for; answers a 401
+        challenge once. A streamed response must be closed by the caller."""
+        scope = " ".join(sorted(set(scopes)))
+        response = self._send(method, url, scope, headers, params, body, stream, follow_redirects)
+        if response.status_code != 401:
+            return response
+        response.close()
+        self._answer(response, scope)
+        response = self._send(method, url, scope, headers, params, body, stream, follow_redirects)
+        if response.status_code == 401:
+            response.close()
+            raise AuthError(f"{self.ref}: the registry refused access ({self._who()})")
+        return response
+
+    def _who(self) -> str:
+        if self._auth is None:
+            return "no credentials given or in the Docker config"
+        if self._auth.identity_token:
+            return "with an identity token"
+        return f"as user {self._auth.username!r}"
+
+    def _authorization(self, scope: str) -> str | None:
+        with self._mu:
+            if self._scheme == "basic" and self._auth is not None:
+                pair = f"{self._auth.username}:{self._auth.password}".encode()
+                return "Basic " + base64.b64encode(pair).decode()
+            if self._scheme == "bearer" and scope in self._tokens:
+                return "Bearer " + self._tokens[scope]
+        return None
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        scope: str,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+        body: Body,
+        stream: bool,
+        follow_redirects: bool,
+    ) -> httpx.Response:
+        def attempt() -> httpx.Response:
+            all_headers = dict(headers or {})
+            if (authorization := self._authorization(scope)) is not None:
+                all_headers["Authorization"] = authorization
+            content = body if isinstance(body, bytes) or body is None else body()
+            request = self._http.build_request(
+                method, url, headers=all_headers, params=params, content=content
+            )
+            return self._http.send(request, stream=stream, follow_redirects=follow_redirects)
+
+        return self._retrying(f"{method} {url}", attempt)
+
+    def _retrying(self, what: str, send: Callable[[], httpx.Response]) -> httpx.Response:
+        """`send()`, again after a connection error or a 5xx answer, within the budget."""
+
+        def attempt() -> httpx.Response:
+            response = send()
+            if response.status_code >= 500:
+                response.close()
+                raise _Retryable(response)
+            return response
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(_RETRY_ATTEMPTS)
+            | tenacity.stop_after_delay(_RETRY_SECONDS),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+            retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except _Retryable as err:
+            raise CacheError(
+                f"{self.ref}: {what} answered HTTP {err.response.status_code}"
+            ) from None
+        except httpx.TransportError as err:
+            raise UnavailableError(f"{self.ref}: {what} failed: {err}") from err
+
+    def _answer(self, response: httpx.Response, scope: str) -> None:
+        """Takes in a 401's challenge: remembers Basic, or gets a Bearer token for `scope`."""
+        header = response.headers.get("WWW-Authenticate", "")
+        scheme, params = _challenge(header)
+        if scheme == "basic":
+            if self._auth is None or not self._auth.username:
+                raise AuthError(f"{self.ref}: the registry asks for credentials ({self._who()})")
+            with self._mu:
+                self._scheme = "basic"
+            return
+        if scheme != "bearer" or not params.get("realm"):
+            raise AuthError(
+                f"{self.ref}: the registry refused access with an unusable challenge {header!r}"
+            )
+        scopes = set(scope.split()) | set(params.get("scope", "").split())
+        token = self._fetch_token(params, " ".join(sorted(scopes)))
+        with self._mu:
+            self._scheme = "bearer"
+            self._tokens[scope] = token
+
+    def _fetch_token(self, params: Mapping[str, str], scope: str) -> str:
+        realm = params["realm"]
+        service = params.get("service", "")
+        auth = self._auth
+        if auth is not None and (auth.identity_token or auth.password):
+            form = {"service": service, "scope": scope, "client_id": "pyctrd-cache"}
+            if auth.identity_token:
+                form |= {"grant_type": "refresh_token", "refresh_token": auth.identity_token}
+            else:
+                form |= {
+                    "grant_type": "password",
+                    "username": auth.username,
+                    "password": auth.password,
+                }
+            answer = self._token_call("POST", realm, data=form)
+            if answer.status_code not in (404, 405) or auth.identity_token:
+                return self._token_of(answer)
+        query = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+        basic = None
+        if auth is not None and auth.username:
+            basic = httpx.BasicAuth(auth.username, auth.password)
+        return self._token_of(self._token_call("GET", realm, params=query, auth=basic))
+
+    def _token_call(self, method: str, realm: str, **kwargs: Any) -> httpx.Response:
+        return self._retrying(
+            f"the token server ({method} {realm})",
+            lambda: self._http.request(method, realm, **kwargs),
+        )
+
+    def _token_of(self, answer: httpx.Response) -> str:
+        if answer.status_code in (401, 403):
+            raise AuthError(f"{self.ref}: the token server refused access ({self._who()})")
+        if answer.status_code != 200:
+            raise AuthError(f"{self.ref}: the token server answered HTTP {answer.status_code}")
+        try:
+            document = answer.json()
+        except ValueError:
+            document = None
+        token = (
+            document.get("token") or document.get("access_token")
+            if isinstance(document, dict)
+            else None
+        )
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"{self.ref}: the token server's answer has no token")
+        return token
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The registry's error codes and messages, else the status."""
+    with contextlib.suppress(ValueError, httpx.ResponseNotRead):
+        errors = response.json().get("errors")
+        if isinstance(errors, list) and errors:
+            return "; ".join(
+                f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                for e in errors
+                if isinstance(e, Mapping)
+            )
+    return f"HTTP {response.status_code}"
+
+
+def _failure(response: httpx.Response, what: str) -> CacheError:
+    """The error for an unexpected answer to `what`."""
+    text = f"{what}: {_error_text(response)}"
+    if response.status_code == 404:
+        return NotFoundError(text)
+    if response.status_code in (401, 403):
+        return AuthError(text)
+    if response.status_code in (400, 405, 413, 416):
+        return InvalidError(text)
+    return CacheError(text)
+
+
+# Reading.
+
+
+def _as_credentials(auth: Credentials | tuple[str, str] | None) -> Credentials | None:
+    if auth is None or isinstance(auth, Credentials):
+        return auth
+    return Credentials(*auth)
+
+
+class RegistryProvider:
+    """Serves the blobs of an image in an OCI distribution registry
+    (`GET /v2/<name>/blobs/<digest>`, following redirects), streamed.
+
+    `auth` is a `Credentials` or a (user name, password) pair; without it, the Docker config
+    file's entry for the host is used, if any. `insecure` allows plain HTTP, on loopback
+    hosts only. A stream that ends early, or breaks, raises a `CacheError` naming the
+    reference; the content store's commit rejects bytes that do not match the digest.
+    """
+
+    def __init__(
+        self,
+        reference: str | Reference,
+        *,
+        auth: Credentials | tuple[str, str] | None = None,
+        insecure: bool = False,
+    ) -> None:
+        self.reference = (
+            reference if isinstance(reference, Reference) else parse_reference(reference)
+        )
+        self._session = _Session(self.reference, _as_credentials(auth), insecure)
+
+    def close(self) -> None:
+        """Closes the connections (also done when the provider is collected)."""
+        self._session.close()
+
+    def __enter__(self) -> RegistryProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pull_scope(self) -> list[str]:
+        return [f"repository:{self.reference.repository}:pull"]
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        url = self._session.url(self.reference.repository, "blobs", desc.digest)
+        response = self._session.request(
+            "GET", url, scopes=self._pull_scope(), stream=True, follow_redirects=True
+        )
+        if response.status_code != 200:
+            response.read()
+            response.close()
+            raise _failure(response, f"{self.reference}: blob {desc.digest}")
+        return io.BufferedReader(_BlobStream(response, desc, self.reference), _CHUNK)
+
+    def check_blob(self, desc: Descriptor) -> None:
+        """`NotFoundError` unless the registry has the blob (of the descriptor's size)."""
+        url = self._session.url(self.reference.repository, "blobs", desc.digest)
+        response = self._session.request(
+            "HEAD", url, scopes=self._pull_scope(), follow_redirects=True
+        )
+        if response.status_code == 404:
+            raise NotFoundError(f"layer blob {desc.digest} is not in {self.reference}")
+        if response.status_code != 200:
+            raise _failure(response, f"{self.reference}: blob {desc.digest}")
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) != desc.size:
+            raise InvalidError(
+                f"layer blob {desc.digest} in {self.reference} has {length} bytes, not {desc.size}"
+            )
+
+    def read_json_blob(self, desc: Descriptor) -> dict[str, Any]:
+        """A config blob, checked against its descriptor."""
+        if desc.size > MAX_JSON:
+            raise InvalidError(f"blob {desc.digest} in {self.reference} is too large")
+        with self.open(desc) as stream:
+            data = stream.read(MAX_JSON + 1)
+        return parse_json_blob(desc, data, str(self.reference))
+
+    def manifest(self, name: str | None = None) -> tuple[Descriptor, dict[str, Any]]:
+        """The manifest or index that the reference (or `name`, a tag or digest) names, and
+        its descriptor; `NotFoundError` for an unknown repository, tag or digest."""
+        ref = self.reference
+        wanted = name or ref.tag_or_digest
+        url = self._session.url(ref.repository, "manifests", wanted)
+        response = self._session.request(
+            "GET", url, scopes=self._pull_scope(), headers={"Accept": _ACCEPT}
+        )
+        if response.status_code == 404:
+            raise NotFoundError(f"{ref}: no manifest {wanted} ({_error_text(response)})")
+        if response.status_code != 200:
+            raise _failure(response, f"{ref}: manifest {wanted}")
+        data = response.content
+        if len(data) > MAX_JSON:
+            raise InvalidError(f"{ref}: the manifest {wanted} is too large")
+        expected = wanted if ":" in wanted else response.headers.get("Docker-Content-Digest", "")
+        algorithm = parse_digest(expected).partition(":")[0] if expected else "sha256"
+        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        if expected and digest != expected:
+            raise InvalidError(f"{ref}: the manifest {wanted} does not match its digest {expected}")
+        media_type = response.headers.get("Content-Type", "").partition(";")[0].strip()
+        if media_type not in (*MANIFESTS, *INDEXES):
+            with contextlib.suppress(ValueError, AttributeError):
+                media_type = str(json.loads(data).get("mediaType") or media_type)
+        if media_type not in (*MANIFESTS, *INDEXES):
+            raise InvalidError(f"{ref}: unsupported manifest media type {media_type!r}")
+        desc = Descriptor(media_type, digest, len(data))
+        return desc, parse_json_blob(desc, data, str(ref))
+
+
+class _BlobStream(io.RawIOBase):
+    """The body of a blob response; a break, or an end before the descriptor's size, is a
+    `CacheError` naming the reference."""
+
+    def __init__(self, response: httpx.Response, desc: Descriptor, ref: Reference) -> None:
+        super().__init__()
+        self._response = response
+        self._chunks = response.iter_bytes(_CHUNK)
+        self._pending = b""
+        self._desc = desc
+        self._ref = ref
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._pending:
+            try:
+                self._pending = next(self._chunks, b"")
+            except httpx.HTTPError as err:
+                raise CacheError(
+                    f"{self._ref}: reading blob {self._desc.digest} failed after "
+                    f"{self._count} bytes: {err}"
+                ) from err
+            if not self._pending and self._count < self._desc.size:
+                raise CacheError(
+                    f"{self._ref}: blob {self._desc.digest} ended after {self._count} of "
+                    f"{self._desc.size} bytes"
+                )
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        self._count += n
+        return n
+
+    def close(self) -> None:
+        self._response.close()
+        super().close()
+
+
+def pull(
+    cm: Manager,
+    reference: str,
+    *,
+    auth: Credentials | tuple[str, str] | None = None,
+    insecure: bool = False,
+    extract: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ImmutableRef:
+    """Registers the layers of the image `reference` names as (lazy) records with
+    `get_by_blob` and a `RegistryProvider` handler; returns a ref on the top layer (release
+    it).
+
+    The manifest is resolved by tag (default `latest`) or digest; an index is followed to
+    this machine's platform. Every layer blob is checked to be in the registry before any
+    record is made, and the reference is recorded as the records' image ref (a later push
+    to the same host mounts from that repository). With `extract` the chain is pulled and
+    unpacked; on error, the records this call made are removed.
+    """
+    ref = parse_reference(reference)
+    if ref.tag is None and ref.digest is None:
+        ref = Reference(ref.host, ref.repository, "latest")
+    provider = RegistryProvider(ref, auth=auth, insecure=insecure)
+    where = str(ref)
+    top, document = provider.manifest()
+
+    def read_manifest(desc: Descriptor) -> dict[str, Any]:
+        if desc.digest == top.digest:
+            return document
+        found, child = provider.manifest(desc.digest)
+        if found.media_type != desc.media_type:
+            raise InvalidError(
+                f"{where}: {desc.digest} is a {found.media_type}, but the index says "
+                f"{desc.media_type}"
+            )
+        return child
+
+    manifest_desc, manifest = resolve_manifest(top, read_manifest, where)
+    layers = layer_descriptors(
+        manifest_desc,
+        manifest,
+        read_config=provider.read_json_blob,
+        check_blob=provider.check_blob,
+        where=where,
+    )
+    return register_layers(
+        cm, layers, provider, where, extract=extract, progress=progress, where=where, registry=True
+    )
+
+
+# Pushing.
+
+
+def push(
+    ref: ImmutableRef,
+    target: str,
+    *,
+    compression: Compression = Compression.GZIP,
+    force_compression: bool = False,
+    auth: Credentials | tuple[str, str] | None = None,
+    insecure: bool = False,
+    chunk_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Descriptor:
+    """Pushes the record's chain as an image to `target` (`host/repository[:tag]`, tag
+    `latest` by default); returns the manifest's descriptor.
+
+    The layers are `ref.get_remote(compression=..., force_compression=...)`; the config's
+    `rootfs.diff_ids` are their uncompressed digests. A blob the registry has (`HEAD`) is
+    skipped; one whose `containerd.io/distribution.source.<host>` annotation names another
+    repository on the target's host is mounted from there when the registry allows it;
+    others are uploaded whole, or in `chunk_size` pieces (`PATCH`). The manifest goes last.
+    `progress` hears `start`, `bytes` and `end` for every layer blob.
+    """
+    target_ref = parse_reference(target)
+    if target_ref.digest is not None:
+        raise InvalidError(f"{target}: push to a tag, not a digest")
+    if chunk_size is not None and chunk_size <= 0:
+        raise InvalidError(f"chunk size {chunk_size} is not positive")
+    if target_ref.tag is None:
+        target_ref = Reference(target_ref.host, target_ref.repository, "latest")
+    remote = ref.get_remote(compression=compression, force_compression=force_compression)
+    image = image_of(ref, remote)
+    session = _Session(target_ref, _as_credentials(auth), insecure)
+    try:
+        uploader = _Uploader(session, target_ref, chunk_size, progress)
+        errors: list[BaseException] = []
+
+        def upload(desc: Descriptor) -> None:
+            try:
+                uploader.blob(desc, lambda: remote.provider.open(desc), _sources(desc, target_ref))
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [
+            threading.Thread(target=upload, args=(d,), daemon=True) for d in remote.descriptors
+        ]
+        for batch in range(0, len(threads), _PARALLEL_UPLOADS):
+            for t in threads[batch : batch + _PARALLEL_UPLOADS]:
+                t.start()
+            for t in threads[batch : batch + _PARALLEL_UPLOADS]:
+                t.join()
+            if errors:
+                raise errors[0]
+        uploader.blob(image.config_desc, lambda: io.BytesIO(image.config), [], notify=False)
+        desc = image.manifest_desc
+        response = session.request(
+            "PUT",
+            session.url(target_ref.repository, "manifests", target_ref.tag_or_digest),
+            scopes=uploader.scopes,
+            headers={"Content-Type": desc.media_type},
+            body=image.manifest,
+        )
+        if response.status_code != 201:
+            raise _failure(response, f"{target_ref}: pushing the manifest {desc.digest}")
+    finally:
+        session.close()
+    return desc
+
+
+_PARALLEL_UPLOADS: Final = 3
+
+
+def _sources(desc: Descriptor, target: Reference) -> list[str]:
+    """The repositories on the target's host that the blob came from (its
+    `containerd.io/distribution.source.<host>` annotation), the target's own excepted."""
+    value = desc.annotations.get(DISTRIBUTION_SOURCE_PREFIX + target.hostname, "")
+    return [r for r in value.split(",") if r and r != target.repository]
+
+
+class _Uploader:
+    """Uploads blobs to one repository."""
+
+    def __init__(
+        self,
+        session: _Session,
+        target: Reference,
+        chunk_size: int | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.session = session
+        self.target = target
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.scopes = [f"repository:{target.repository}:pull,push"]
+
+    def _notify(self, event: ProgressEvent, notify: bool) -> None:
+        if notify and self.progress is not None:
+            self.progress(event)
+
+    def blob(
+        self,
+        desc: Descriptor,
+        open_blob: Callable[[], BinaryIO],
+        sources: list[str],
+        *,
+        notify: bool = True,
+    ) -> None:
+        self._notify(ProgressEvent("start", desc.digest, 0, desc.size), notify)
+        try:
+            self._blob(desc, open_blob, sources, notify)
+        except BaseException as err:
+            self._notify(ProgressEvent("end", desc.digest, 0, desc.size, error=err), notify)
+            raise
+        self._notify(ProgressEvent("end", desc.digest, desc.size, desc.size), notify)
+
+    def _blob(
+        self, desc: Descriptor, open_blob: Callable[[], BinaryIO], sources: list[str], notify: bool
+    ) -> None:
+        session, repository = self.session, self.target.repository
+        what = f"{self.target}: uploading blob {desc.digest}"
+        head = session.request(
+            "HEAD", session.url(repository, "blobs", desc.digest), scopes=self.scopes
+        )
+        if head.status_code == 200:
+            return
+        uploads = session.url(repository, "blobs/uploads")
+        location = None
+        for source in sources:
+            with contextlib.suppress(AuthError):
+                mounted = session.request(
+                    "POST",
+                    uploads,
+                    scopes=[*self.scopes, f"repository:{source}:pull"],
+                    params={"mount": desc.digest, "from": source},
+                )
+                if mounted.status_code == 201:
+                    return
+                if mounted.status_code == 202:
+                    location = _location(mounted, what)
+                    break
+        if location is None:
+            started = session.request("POST", uploads, scopes=self.scopes)
+            if started.status_code != 202:
+                raise _failure(started, what)
+            location = _location(started, what)
+        body: Body
+        if self.chunk_size is not None and desc.size > self.chunk_size:
+            location = self._chunks(desc, open_blob, location, what, notify)
+            body, length = b"", 0
+        else:
+
+            def body() -> Iterator[bytes]:
+                yield from self._read(desc, open_blob, notify)
+
+            length = desc.size
+        done = session.request(
+            "PUT",
+            str(httpx.URL(location).copy_merge_params({"digest": desc.digest})),
+            scopes=self.scopes,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
+            body=body,
+        )
+        if done.status_code != 201:
+            raise _failure(done, what)
+
+    def _read(
+        self, desc: Descriptor, open_blob: Callable[[], BinaryIO], notify: bool
+    ) -> Iterator[bytes]:
+        count = 0
+        with open_blob() as stream:
+            while chunk := stream.read(_CHUNK):
+                count += len(chunk)
+                if count > desc.size:
+                    raise CacheError(f"blob {desc.digest} is larger than its size {desc.size}")
+                self._notify(ProgressEvent("bytes", desc.digest, count, desc.size), notify)
+                yield chunk
+        if count != desc.size:
+            raise CacheError(f"blob {desc.digest} has {count} bytes, not {desc.size}")
+
+    def _chunks(
+        self,
+        desc: Descriptor,
+        open_blob: Callable[[], BinaryIO],
+        location: str,
+        what: str,
+        notify: bool,
+    ) -> str:
+        """Sends the blob in `PATCH`es of `chunk_size` bytes; returns the last location."""
+        assert self.chunk_size is not None
+        offset = 0
+        piece = bytearray()
+        for chunk in self._read(desc, open_blob, notify):
+            piece += chunk
+            while len(piece) >= self.chunk_size or (piece and offset + len(piece) == desc.size):
+                part = bytes(piece[: self.chunk_size])
+                del piece[: self.chunk_size]
+                answer = self.session.request(
+                    "PATCH",
+                    location,
+                    scopes=self.scopes,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{offset + len(part) - 1}",
+                    },
+                    body=part,
+                )
+                if answer.status_code != 202:
+                    raise _failure(answer, what)
+                location = _location(answer, what)
+                offset += len(part)
+        return location
+
+
+def _location(response: httpx.Response, what: str) -> str:
+    location = response.headers.get("Location")
+    if not location:
+        raise CacheError(f"{what}: the registry's answer has no Location")
+    return str(response.url.join(location))
