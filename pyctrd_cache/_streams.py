@@ -1,12 +1,15 @@
-"""A readable stream that reports its progress."""
+"""Streams over other streams and over iterators of chunks."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO
 
-__all__ = ["CountingReader"]
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+__all__ = ["ChunkReader", "ChunkWriter", "CountingReader"]
 
 
 class CountingReader(io.RawIOBase):
@@ -33,3 +36,42 @@ class CountingReader(io.RawIOBase):
             self.count += n
             self._on_read(self.count)
         return n
+
+
+class ChunkReader(io.RawIOBase):
+    """Reads the concatenation of `chunks`, without copying a chunk more than once."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self._chunks = iter(chunks)
+        self._rest = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._rest:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._rest = memoryview(chunk)
+        n = min(len(buffer), len(self._rest))
+        buffer[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+
+class ChunkWriter(io.RawIOBase):
+    """Hands every write to `put` as a chunk of its own."""
+
+    def __init__(self, put: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._put = put
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        view = memoryview(data)
+        self._put(view.tobytes())
+        return view.nbytes

@@ -17,12 +17,13 @@ import io
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
 from . import _validate, remote_snapshots
+from ._streams import ChunkReader, ChunkWriter
 from .client import Client, ContentWriter, Descriptor, LeaseResource
 from .compression import (
     OCI_LAYER,
@@ -31,7 +32,7 @@ from .compression import (
     compressed_chunks,
     decompressed_chunks,
     detect,
-    from_media_type,
+    from_descriptor,
     media_type_for,
     needs_conversion,
     parse_digest,
@@ -45,6 +46,12 @@ from .errors import (
     NotFoundError,
     UnavailableError,
     UnimplementedError,
+)
+from .estargz import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    EStargzLayer,
+    write_estargz,
 )
 from .mounts import readonly_mounts
 from .remote import DescHandler, DescHandlers, ProgressEvent, Remote
@@ -61,10 +68,7 @@ VARIANT_MEDIA_TYPE_LABEL: Final = "buildkit.io/compression/mediatype"
 VARIANT_GC_REF_PREFIX: Final = "containerd.io/gc.ref.content.buildkit.compression."
 CREATED_AT_ANNOTATION: Final = "buildkit/createdat"
 DISTRIBUTION_SOURCE_PREFIX: Final = "containerd.io/distribution.source."
-ESTARGZ_ANNOTATIONS: Final = (
-    "containerd.io/snapshot/stargz/toc.digest",
-    "io.containers.estargz.uncompressed-size",
-)
+ESTARGZ_ANNOTATIONS: Final = (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION)
 _CHUNK: Final = 1 << 20
 _REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
 
@@ -99,26 +103,37 @@ def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
     return results  # type: ignore[return-value]
 
 
-def pipelined(items: Iterator[T], depth: int = 4) -> Iterator[T]:
-    """The items of `items`, produced by a thread of their own at most `depth` ahead; an
-    error of the producer is raised here. Closing the result stops the producer."""
+class _Stopped(Exception):
+    """The consumer of `produced` went away."""
+
+
+def produced(run: Callable[[Callable[[T], None]], None], depth: int = 4) -> Generator[T]:
+    """The items `run` passes to the function it is given, produced by a thread of their own
+    at most `depth` ahead; an error of `run` is raised here. Closing the result stops `run`
+    at its next item."""
     q: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
     stop = threading.Event()
 
+    def put(entry: tuple[bool, object]) -> None:
+        while True:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                q.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def produce() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((False, None))
-        except BaseException as err:
-            q.put((False, err))
+            try:
+                run(lambda item: put((True, item)))
+            except BaseException as err:
+                put((False, err))
+            else:
+                put((False, None))
+        except _Stopped:
+            return
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
@@ -133,6 +148,17 @@ def pipelined(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+def pipelined(items: Iterator[T], depth: int = 4) -> Generator[T]:
+    """The items of `items`, produced by a thread of their own at most `depth` ahead; an
+    error of the producer is raised here. Closing the result stops the producer."""
+
+    def run(put: Callable[[T], None]) -> None:
+        for item in items:
+            put(item)
+
+    return produced(run, depth)
 
 
 def diff_id_of(desc: Descriptor) -> str:
@@ -153,9 +179,10 @@ def variant_label(compression: Compression) -> str:
     return VARIANT_DIGEST_PREFIX + compression.value
 
 
-def compression_of(media_type: str) -> Compression:
-    """The compression of a layer media type; `InvalidError` for an unknown one."""
-    compression = from_media_type(media_type)
+def compression_of(media_type: str, annotations: Mapping[str, str] | None = None) -> Compression:
+    """The compression of a layer of `media_type` and `annotations` (eStargz is told from
+    its annotations); `InvalidError` for an unknown media type."""
+    compression = from_descriptor(media_type, annotations or {})
     if compression is None:
         raise InvalidError(f"unhandled layer media type {media_type!r}")
     return compression
@@ -256,7 +283,7 @@ def set_blob(rec: _Record, desc: Descriptor) -> None:
     """Associates a blob already in the content store with the record (once)."""
     _validate.descriptor(desc)
     diff_id = diff_id_of(desc)
-    compression = compression_of(desc.media_type)
+    compression = compression_of(desc.media_type, desc.annotations)
     rec.cm._client.content.info(desc.digest)
     with rec.mu:
         if rec.md.blob:
@@ -444,7 +471,7 @@ def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
         if rec.md.image_refs and not rec.md.description:
             rec.md.description = f"pulled from {rec.md.image_refs[0]}"
             rec.save()
-    add_compression_blob(rec, desc, compression_of(desc.media_type))
+    add_compression_blob(rec, desc, compression_of(desc.media_type, desc.annotations))
 
 
 # Extraction.
@@ -544,7 +571,6 @@ def get_remote(
 ) -> Remote:
     """The descriptors of the ref's chain, parent first, creating missing blobs through
     containerd's diff service and converting to `compression` when forced."""
-    media_type_for(compression)  # refuses the compressions not supported yet
     cm = ref._rec.cm
     dhs = ref.desc_handlers
     with temporary_lease(cm) as leased:
@@ -565,7 +591,9 @@ def get_remote(
             desc = oci_desc(r, dhs)
             if cm._is_lazy(r):
                 desc = _with_distribution_sources(desc, r.md.image_refs)
-            if (force_compression or variant) and needs_conversion(desc.media_type, compression):
+            if (force_compression or variant) and needs_conversion(
+                desc.media_type, desc.annotations, compression
+            ):
                 try:
                     blob = get_compression_blob(r, compression)
                 except NotFoundError:
@@ -596,11 +624,11 @@ def _ensure_blob(
     """Gives the record a blob (and the forced variant); whether the remote should serve
     the `compression` variant rather than the blob itself."""
     cm = rec.cm
-    fell_back = cm._flight.do(
+    made_other = cm._flight.do(
         f"blob-{rec.id}-{create_if_needed}",
         lambda: _create_blob(rec, dhs, leased, create_if_needed, compression),
     )
-    use_variant = force or (fell_back and compression is Compression.ZSTD)
+    use_variant = force or made_other
     if use_variant:
         ensure_compression(rec, dhs, leased, compression)
     return use_variant
@@ -613,8 +641,9 @@ def _create_blob(
     create_if_needed: bool,
     compression: Compression,
 ) -> bool:
-    """Makes the record's blob with the diff service unless it has one; whether the daemon
-    could not write zstd and gzip was made instead."""
+    """Makes the record's blob with the diff service unless it has one; whether it was made
+    in another compression than `compression`: gzip for eStargz, which the diff service
+    cannot write, and for zstd on a daemon that cannot write zstd."""
     if rec.md.blob:
         return False
     if not create_if_needed:
@@ -635,13 +664,13 @@ def _create_blob(
                 views.append(f"diff-upper-{cm.new_id()}")
                 upper = sn.view(views[-1], rec.md.snapshot_id)
         media_type = media_type_for(compression)
-        fell_back = False
+        made_other = compression is Compression.ESTARGZ
         try:
             desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
         except UnimplementedError:
             if compression is not Compression.ZSTD:
                 raise
-            fell_back = True
+            made_other = True
             media_type = media_type_for(Compression.GZIP)
             desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
     finally:
@@ -654,7 +683,7 @@ def _create_blob(
     if not diff_id:
         raise CacheError(f"containerd did not record the uncompressed digest of {desc.digest}")
     set_blob(rec, Descriptor(media_type, desc.digest, desc.size, {UNCOMPRESSED_LABEL: diff_id}))
-    return fell_back
+    return made_other
 
 
 def ensure_compression(
@@ -666,7 +695,7 @@ def ensure_compression(
 
     def ensure() -> None:
         desc = oci_desc(rec, dhs)
-        if not needs_conversion(desc.media_type, compression):
+        if not needs_conversion(desc.media_type, desc.annotations, compression):
             if not cm._is_lazy(rec):
                 add_compression_blob(rec, desc, compression)
             return
@@ -706,18 +735,40 @@ def convert(
     cm: Manager, leased: Client, desc: Descriptor, target: Compression, diff_id: str
 ) -> Descriptor:
     """Streams the blob `desc` out of the content store, decompresses it, checks that it
-    unpacks to `diff_id`, recompresses it as `target` and writes it back."""
+    unpacks to `diff_id`, recompresses it as `target` and writes it back.
+
+    An eStargz layer unpacks to a tar of its own (the landmark first, the table of contents
+    last): its descriptor and its `containerd.io/uncompressed` label carry that tar's digest,
+    and the descriptor the eStargz annotations.
+    """
     source = compression_of(desc.media_type)
     uncompressed = hashlib.sha256()
     compressed = hashlib.sha256()
+    estargz_layers: list[EStargzLayer] = []
 
     def tee() -> Iterator[bytes]:
         for chunk in decompressed_chunks(cm._client.content.read(desc.digest), source):
             uncompressed.update(chunk)
             yield chunk
 
+    def write_layer(put: Callable[[bytes], None]) -> None:
+        with contextlib.closing(pipelined(tee())) as chunks:
+            tar = io.BufferedReader(ChunkReader(chunks), _CHUNK)
+            sink = io.BufferedWriter(ChunkWriter(put), _CHUNK)
+            estargz_layers.append(write_estargz(tar, sink))
+            sink.flush()
+            # The writer stops at the end-of-archive marker: the rest still counts for the
+            # diff id check.
+            while tar.read(_CHUNK):
+                pass
+
     def compress() -> Iterator[bytes]:
-        for chunk in compressed_chunks(pipelined(tee()), target):
+        chunks: Iterator[bytes]
+        if target is Compression.ESTARGZ:
+            chunks = produced(write_layer)
+        else:
+            chunks = compressed_chunks(pipelined(tee()), target)
+        for chunk in chunks:
             compressed.update(chunk)
             yield chunk
 
@@ -727,8 +778,9 @@ def convert(
         if writer.offset:
             writer.truncate()
         try:
-            # Reading and decompressing, compressing, and writing run in three threads: the
-            # codecs and the hashes release the GIL, so the stages overlap on several cores.
+            # Reading and decompressing, compressing, and writing run in threads of their own
+            # (eStargz in one more: its writer pulls the tar): the codecs and the hashes
+            # release the GIL, so the stages overlap on several cores.
             for chunk in pipelined(compress()):
                 size += len(chunk)
                 writer.write(chunk)
@@ -738,14 +790,22 @@ def convert(
                     f"layer {desc.digest} decompresses to {seen}, not to its diff id {diff_id}"
                 )
             digest = "sha256:" + compressed.hexdigest()
-            labels = {} if target is Compression.UNCOMPRESSED else {UNCOMPRESSED_LABEL: diff_id}
+            if estargz_layers:
+                annotations = estargz_layers[0].annotations()
+            else:
+                annotations = {UNCOMPRESSED_LABEL: diff_id}
+            labels = (
+                {}
+                if target is Compression.UNCOMPRESSED
+                else {UNCOMPRESSED_LABEL: annotations[UNCOMPRESSED_LABEL]}
+            )
             commit_written(leased, writer, size=size, digest=digest, labels=labels)
         except BaseException:
             writer.close()
             with contextlib.suppress(CacheError):
                 leased.content.abort(ingest)
             raise
-    return Descriptor(media_type_for(target), digest, size, {UNCOMPRESSED_LABEL: diff_id})
+    return Descriptor(media_type_for(target), digest, size, annotations)
 
 
 def _with_distribution_sources(desc: Descriptor, image_refs: Sequence[str]) -> Descriptor:

@@ -1,6 +1,9 @@
 """Layer compressions: media types, detection and streaming conversion (BuildKit's
 util/compression and cache/converter.go).
 
+eStargz is gzip on the wire (its media type is the gzip one): a gzip layer is eStargz when its
+descriptor carries the table of contents' digest annotation.
+
 Conversion streams a blob out of the content store, decompresses it, checks the
 uncompressed digest against the layer's diff id, recompresses it with a C codec (zlib for
 gzip, the zstandard package for zstd) and streams the result back, never holding a layer in
@@ -12,13 +15,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, Protocol
 
 import zstandard
 
 from . import _validate
-from .errors import CacheError, InvalidError
+from .errors import InvalidError
+from .estargz import TOC_DIGEST_ANNOTATION
 
 __all__ = [
     "Compression",
@@ -26,6 +30,7 @@ __all__ = [
     "compressed_chunks",
     "decompressed_chunks",
     "detect",
+    "from_descriptor",
     "from_media_type",
     "media_type_for",
     "needs_conversion",
@@ -71,6 +76,7 @@ _MEDIA_TYPE: Final = {
     Compression.UNCOMPRESSED: OCI_LAYER,
     Compression.GZIP: OCI_LAYER_GZIP,
     Compression.ZSTD: OCI_LAYER_ZSTD,
+    Compression.ESTARGZ: OCI_LAYER_GZIP,
 }
 
 
@@ -79,20 +85,30 @@ def from_media_type(media_type: str) -> Compression | None:
     return _BY_MEDIA_TYPE.get(media_type)
 
 
+def from_descriptor(media_type: str, annotations: Mapping[str, str]) -> Compression | None:
+    """The compression of a layer: eStargz for a gzip layer annotated with a table of
+    contents' digest, else that of its media type (None for a type that is not a layer)."""
+    compression = from_media_type(media_type)
+    if compression is Compression.GZIP and TOC_DIGEST_ANNOTATION in annotations:
+        return Compression.ESTARGZ
+    return compression
+
+
 def media_type_for(compression: Compression) -> str:
     """The OCI layer media type written for `compression`."""
-    if compression is Compression.ESTARGZ:
-        raise CacheError("eStargz layers are not supported yet")
     return _MEDIA_TYPE[compression]
 
 
-def needs_conversion(media_type: str, compression: Compression) -> bool:
-    """Whether a layer of `media_type` must be converted to serve as `compression`."""
-    current = from_media_type(media_type)
+def needs_conversion(
+    media_type: str, annotations: Mapping[str, str], compression: Compression
+) -> bool:
+    """Whether a layer of `media_type` and `annotations` must be converted to serve as
+    `compression`. An eStargz layer serves as gzip too."""
+    current = from_descriptor(media_type, annotations)
     if current is None:
         return False  # not a layer: never converted
-    if compression is Compression.ESTARGZ:
-        raise CacheError("eStargz layers are not supported yet")
+    if compression is Compression.GZIP and current is Compression.ESTARGZ:
+        return False
     return current is not compression
 
 
@@ -164,7 +180,8 @@ def decompressed_chunks(chunks: Iterable[bytes], compression: Compression) -> It
 
 
 def compressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iterator[bytes]:
-    """The layer stream compressed as `compression`."""
+    """The layer stream compressed as uncompressed, gzip or zstd (eStargz needs the whole
+    tar's structure: `estargz.write_estargz` writes it)."""
     if compression is Compression.UNCOMPRESSED:
         yield from chunks
         return
@@ -177,7 +194,6 @@ def compressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iter
         zc = zstandard.ZstdCompressor(level=3).compressobj()
         compress, flush = zc.compress, zc.flush
     else:
-        media_type_for(compression)  # raises for the unsupported ones
         raise AssertionError(compression)
     for chunk in chunks:
         if out := compress(chunk):

@@ -17,7 +17,7 @@ import pathlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Final
@@ -38,7 +38,7 @@ from .errors import (
 )
 from .metadata import MetadataStore, RecordMeta
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
-from .remote import DescHandlers
+from .remote import DescHandler, DescHandlers
 from .shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
 from .types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 
@@ -535,19 +535,32 @@ class Manager:
         Reuses a record with the same blob chain; else shares the snapshot of a record with
         the same chain; else makes a lazy record whose snapshot (named by the chain id) is
         made at extraction. The blob needs no handler when it is in the content store.
+
+        The annotations BuildKit keeps (eStargz's and the diff id) stay with the blob: a
+        local blob of a new record is labelled with them at once, and a handler without
+        them takes them from `desc`, so that they become labels when the blob is pulled.
         """
         _validate.descriptor(desc)
         _validate.description(description or "")
         self._check_open()
         diff_id = blobs.diff_id_of(desc)
         parse_digest(desc.digest)
-        blobs.compression_of(desc.media_type)
-        dhs: DescHandlers = {**(parent.desc_handlers if parent else {}), **(desc_handlers or {})}
-        if desc.digest not in dhs:
-            try:
-                self._client.content.info(desc.digest)
-            except NotFoundError:
+        compression = blobs.compression_of(desc.media_type, desc.annotations)
+        saved = blobs.filter_annotations_for_save(desc.annotations)
+        dhs: dict[str, DescHandler] = {
+            **(parent.desc_handlers if parent else {}),
+            **(desc_handlers or {}),
+        }
+        try:
+            self._client.content.info(desc.digest)
+            local = True
+        except NotFoundError:
+            if desc.digest not in dhs:
                 raise NeedsRemoteProvidersError([desc.digest]) from None
+            local = False
+        if desc.digest in dhs:
+            dh = dhs[desc.digest]
+            dhs[desc.digest] = replace(dh, annotations={**saved, **dh.annotations})
         chain = diff_id
         blob_chain = chain_id(desc.digest, diff_id)
         parent_ref: ImmutableRef | None = None
@@ -576,7 +589,7 @@ class Manager:
                         parent_ref._release_locked()
                     self._add_image_ref(ref._rec, image_ref)
                     return ref
-                return self._new_blob_record(
+                ref = self._new_blob_record(
                     desc,
                     parent_ref,
                     dhs,
@@ -591,6 +604,13 @@ class Manager:
             if parent_ref is not None and not parent_ref._released:
                 parent_ref.release()
             raise
+        if local:
+            try:
+                blobs.add_compression_blob(ref._rec, replace(desc, annotations=saved), compression)
+            except BaseException:
+                ref.release()
+                raise
+        return ref
 
     def _add_image_ref(self, rec: _Record, image_ref: str | None) -> None:
         if image_ref:
