@@ -570,7 +570,8 @@ def get_remote(
     force_compression: bool,
 ) -> Remote:
     """The descriptors of the ref's chain, parent first, creating missing blobs through
-    containerd's diff service and converting to `compression` when forced."""
+    containerd's diff service and converting to `compression` when forced; without force, a
+    `compression` variant made before is served in place of the blob."""
     cm = ref._rec.cm
     dhs = ref.desc_handlers
     with temporary_lease(cm) as leased:
@@ -622,16 +623,30 @@ def _ensure_blob(
     force: bool,
 ) -> bool:
     """Gives the record a blob (and the forced variant); whether the remote should serve
-    the `compression` variant rather than the blob itself."""
+    the `compression` variant rather than the blob itself: when forced, when the blob had to
+    be made in another compression, or when the variant exists already (serving it converts
+    nothing, and the same request gets the same layer every time)."""
     cm = rec.cm
     made_other = cm._flight.do(
         f"blob-{rec.id}-{create_if_needed}",
         lambda: _create_blob(rec, dhs, leased, create_if_needed, compression),
     )
-    use_variant = force or made_other
+    use_variant = force or made_other or _has_variant(rec, dhs, compression)
     if use_variant:
         ensure_compression(rec, dhs, leased, compression)
     return use_variant
+
+
+def _has_variant(rec: _Record, dhs: DescHandlers, compression: Compression) -> bool:
+    """Whether the record's blob is not of `compression` but a variant of it is recorded."""
+    desc = oci_desc(rec, dhs)
+    if not needs_conversion(desc.media_type, desc.annotations, compression):
+        return False
+    try:
+        labels = rec.cm._client.content.info(rec.md.blob).labels
+    except NotFoundError:
+        return False  # lazy: no variant was made from it here
+    return variant_label(compression) in labels
 
 
 def _create_blob(

@@ -521,7 +521,8 @@ class ImmutableRef(Ref):
     ) -> Remote:
         """The descriptors of the whole chain, parent first, creating blobs through
         containerd's diff service when needed (`NoBlobsError` without `create_if_needed`)
-        and converting to `compression` when forced."""
+        and converting to `compression` when forced; without force, a `compression` variant
+        made before is served in place of the record's blob."""
         self._check()
         return blobs.get_remote(
             self,

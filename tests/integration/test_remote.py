@@ -292,3 +292,35 @@ def test_conversion_refuses_a_blob_whose_diff_id_lies(managers: Managers, client
     gc(client)
     assert blob_count(client) == 0
     assert client.content.list_statuses() == []
+
+
+def test_a_variant_made_before_is_served_without_force(managers: Managers, client: Client) -> None:
+    cm = managers.open()
+    work = cm.new()
+    with work.mount(readonly=False) as root:
+        (root / "v").write_bytes(os.urandom(50_000))
+    snap = work.commit()
+    (own,) = snap.get_remote(compression=Compression.GZIP).descriptors
+    # No variant yet: without force, the record's own blob.
+    assert snap.get_remote(compression=Compression.ZSTD).descriptors == [own]
+    (zstd,) = snap.get_remote(compression=Compression.ZSTD, force_compression=True).descriptors
+    assert zstd.media_type == TAR_ZSTD
+    blobs = blob_count(client)
+    for _ in range(2):
+        (served,) = snap.get_remote(compression=Compression.ZSTD).descriptors
+        assert served.digest == zstd.digest
+    assert snap.get_remote(compression=Compression.GZIP).descriptors == [own]
+    assert blob_count(client) == blobs
+    snap.release()
+
+
+def test_estargz_without_force_is_the_same_layer_every_time(managers: Managers) -> None:
+    cm = managers.open()
+    work = cm.new()
+    with work.mount(readonly=False) as root:
+        (root / "e").write_bytes(os.urandom(50_000))
+    snap = work.commit()
+    first, second = (snap.get_remote(compression=Compression.ESTARGZ) for _ in range(2))
+    assert first.descriptors == second.descriptors
+    assert "containerd.io/snapshot/stargz/toc.digest" in first.descriptors[0].annotations
+    snap.release()
