@@ -26,7 +26,7 @@ from . import _validate, blobs, filters, remote_snapshots
 from ._faults import crash_point
 from ._singleflight import SingleFlight
 from .client import DEFAULT_ADDRESS, Client, ContentService, Descriptor, LeaseResource, SnapshotKind
-from .compression import chain_id, parse_digest
+from .compression import chain_id
 from .errors import (
     AlreadyExistsError,
     CacheError,
@@ -544,7 +544,6 @@ class Manager:
         _validate.description(description or "")
         self._check_open()
         diff_id = blobs.diff_id_of(desc)
-        parse_digest(desc.digest)
         compression = blobs.compression_of(desc.media_type, desc.annotations)
         saved = blobs.filter_annotations_for_save(desc.annotations)
         dhs: dict[str, DescHandler] = {
