@@ -614,29 +614,19 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from . import oci
-
-    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
-        ref = cm.get(args.id)
-        try:
-            manifest = oci.export_layout(
-                ref,
-                args.oci_layout,
-                compression=Compression(args.compression),
-                force_compression=args.force_compression,
-                tag=args.tag,
-                progress=progress,
-            )
-        finally:
-            ref.release()
-    print(manifest.digest)
-    return 0
+    return _send(args, layout=(args.oci_layout, args.tag))
 
 
 def _push(args: argparse.Namespace) -> int:
+    layout = layout_of(args.ref) if args.ref.startswith(OCI_LAYOUT_PREFIX) else None
+    return _send(args, layout=layout)
+
+
+def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | None] | None) -> int:
+    """Writes record `args.id` as an image into `layout` (directory, tag), or without one
+    pushes it to the registry reference `args.ref`; prints the manifest digest."""
     from . import oci, registry
 
-    layout = layout_of(args.ref) if args.ref.startswith(OCI_LAYOUT_PREFIX) else None
     compression = Compression(args.compression)
     with _manager(args) as cm, progress_bar(sys.stderr) as progress:
         ref = cm.get(args.id)
