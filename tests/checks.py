@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import uuid
+from collections.abc import Mapping
 
 from pyctrd_cache import Manager
 from pyctrd_cache.client import Client
 from pyctrd_cache.manager import OWNER_LABEL
-from tests.fix_containerd import SNAPSHOTTER
+from tests.fix_containerd import ROOT, SNAPSHOTTER, Daemon, Managers
 
 
 def check_disk_usage(cm: Manager, in_use: int, unused: int) -> None:
@@ -31,3 +35,28 @@ def gc(client: Client) -> None:
     """Runs containerd's garbage collector and waits for it."""
     lease = client.leases.create(f"gc-{uuid.uuid4().hex}")
     client.leases.delete(lease.id, sync=True)
+
+
+def run_killed_child(
+    module: str, daemon: Daemon, managers: Managers, env: Mapping[str, str] | None = None
+) -> str:
+    """Runs `python -m MODULE ADDRESS NAMESPACE STATE_DIR`, a child that must end killed by
+    SIGKILL (its own crash point); returns what it printed."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            daemon.address,
+            managers.namespace,
+            str(managers.state_dir),
+        ],
+        cwd=ROOT,
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    return child.stdout

@@ -34,7 +34,7 @@ from pyctrd_cache.errors import UnavailableError
 from pyctrd_cache.oci import machine_platform
 from tests.fix_containerd import INSTALLED, ROOT, Daemon
 from tests.layers import TAR_GZIP, digest_of, make_tar
-from tests.registry_fix import Registry, serving
+from tests.registry_fix import Registry, serving, stop
 
 BUILD = ROOT / "tests" / "stargz" / "build"
 STARGZ = "stargz"
@@ -58,16 +58,6 @@ def _wait_for(path: pathlib.Path, process: subprocess.Popen[bytes], log: pathlib
         if time.monotonic() > deadline:
             pytest.fail(f"{process.args!r} made no socket {path} in 30 s:\n{_tail(log)}")
         time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def mounts_under(*roots: pathlib.Path) -> list[str]:
@@ -255,7 +245,7 @@ def stargz_containerd(
         yield StargzDaemon(str(address), root, snapshotter_log)
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
         unmount_all(root)
         shutil.rmtree(root, ignore_errors=True)
 

@@ -17,7 +17,6 @@ import tarfile
 import threading
 import time
 from datetime import datetime, timedelta
-from typing import Any
 
 import pytest
 
@@ -25,18 +24,9 @@ from pyctrd_cache import CachePolicy, Manager, ProgressEvent, RefInfo
 from pyctrd_cache._progress import ProgressBar, human_size, progress_bar, short_digest
 from pyctrd_cache.cli import parse_duration, parse_size, split_layout
 from pyctrd_cache.client import Client
+from tests.cli_runs import Cli, one_line_error, run
 from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 from tests.layers import make_tar
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyctrd_cache.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_info_prints_version_and_snapshotters(daemon: Daemon, namespace: str) -> None:
@@ -48,31 +38,21 @@ def test_info_prints_version_and_snapshotters(daemon: Daemon, namespace: str) ->
     assert document["embedded"] is False
 
 
-def _one_line_error(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert out.returncode == 1
-    assert out.stdout == ""
-    lines = out.stderr.splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("pyctrd-cache: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_wrong_socket_path_is_one_line(tmp_path: pathlib.Path) -> None:
     missing = str(tmp_path / "nothing.sock")
-    _one_line_error(run("--address", missing, "info"), "no containerd socket at", missing)
+    one_line_error(run("--address", missing, "info"), "no containerd socket at", missing)
 
 
 def test_missing_snapshotter_is_one_line(daemon: Daemon, namespace: str) -> None:
     out = run(
         "--address", daemon.address, "--namespace", namespace, "--snapshotter", "nosuch", "info"
     )
-    _one_line_error(out, "no snapshotter 'nosuch'", "overlayfs")
+    one_line_error(out, "no snapshotter 'nosuch'", "overlayfs")
 
 
 def test_invalid_namespace_is_one_line(daemon: Daemon) -> None:
     out = run("--address", daemon.address, "--namespace", "no/slashes", "info")
-    _one_line_error(out, "invalid containerd namespace 'no/slashes'")
+    one_line_error(out, "invalid containerd namespace 'no/slashes'")
 
 
 def test_embedded_daemon_is_started_and_stopped(daemon: Daemon, tmp_path: pathlib.Path) -> None:
@@ -94,35 +74,6 @@ def test_usage_error_exits_2() -> None:
 
 # The cache commands. The tests make records through the library on the same metadata store
 # (STATE_DIR/cache), closing the manager before the command runs: a store is locked while open.
-
-
-class Cli:
-    """Runs `pyctrd-cache` on the test's daemon, namespace and state directory."""
-
-    def __init__(self, daemon: Daemon, namespace: str, state: pathlib.Path) -> None:
-        self.daemon = daemon
-        self.namespace = namespace
-        self.state = state
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run(
-            "--address",
-            self.daemon.address,
-            "--namespace",
-            self.namespace,
-            "--state-dir",
-            str(self.state),
-            *args,
-        )
-
-    def ok(self, *args: str) -> str:
-        out = self(*args)
-        assert out.returncode == 0, out.stderr
-        assert out.stderr == "", out.stderr
-        return out.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--format", "json"))
 
 
 @pytest.fixture
@@ -354,7 +305,7 @@ def _usage_error(out: subprocess.CompletedProcess[str], *fragments: str) -> None
     ],
 )
 def test_failures_are_one_line(cli: Cli, args: list[str], fragments: list[str]) -> None:
-    _one_line_error(cli(*args), *fragments)
+    one_line_error(cli(*args), *fragments)
 
 
 @pytest.mark.parametrize(
@@ -531,7 +482,7 @@ def test_import_export_pull(managers: Managers, cli: Cli, tmp_path: pathlib.Path
     assert info["media_type"] == "application/vnd.oci.image.layer.v1.tar+zstd"
     assert other.ok("pull", f"{layout}:v1", "--extract").strip() == pulled
     assert len(other.json("du")["records"]) == 2
-    _one_line_error(other("pull", f"{layout}:nosuchtag"), "nosuchtag")
+    one_line_error(other("pull", f"{layout}:nosuchtag"), "nosuchtag")
     collect_everything(cli, other)
 
 
@@ -763,7 +714,7 @@ def test_hostile_tar_is_refused_and_leaves_nothing(
 ) -> None:
     path = tmp_path / "hostile.tar"
     path.write_bytes(_tar_with(name, link_to=link_to))
-    _one_line_error(cli("import", str(path)), repr(name))
+    one_line_error(cli("import", str(path)), repr(name))
     assert cli.json("du")["records"] == []
     assert client.snapshots(SNAPSHOTTER).list() == []
     assert client.content.list_statuses() == []
@@ -783,6 +734,6 @@ def test_layout_with_a_missing_blob_is_refused_and_leaves_nothing(
     manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest).read_text())
     missing = manifest["layers"][0]["digest"]
     (layout / "blobs" / "sha256" / missing.split(":")[1]).unlink()
-    _one_line_error(cli("pull", f"{layout}:v1"), missing)
+    one_line_error(cli("pull", f"{layout}:v1"), missing)
     assert cli.json("du")["records"] == []
     assert client.content.list() == []

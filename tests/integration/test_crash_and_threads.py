@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +12,8 @@ import pytest
 from pyctrd_cache import CachePolicy, ImmutableRef, Manager, NotFoundError, PrunePolicy
 from pyctrd_cache.client import Client
 from pyctrd_cache.manager import OWNER_LABEL
-from tests.fix_containerd import ROOT, SNAPSHOTTER, Daemon, Managers
+from tests.checks import run_killed_child
+from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 
 # The child reaches each point once while it makes its anchor record, so the crash is
 # armed for a later hit: the child layer's new, commit and finalize are the second; the third
@@ -63,24 +61,8 @@ def test_sigkill_at_each_step_loses_nothing_and_leaks_nothing(
     daemon: Daemon, namespace: str, managers: Managers, client: Client, point: str
 ) -> None:
     env = dict(os.environ, PYCTRD_CRASH_POINT=point)
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.crash_child",
-            daemon.address,
-            namespace,
-            str(managers.state_dir),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr
-    printed = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    out = run_killed_child("tests.crash_child", daemon, managers, env)
+    printed = dict(line.split(" ", 1) for line in out.splitlines())
     assert "done" not in printed
 
     cm = managers.open()

@@ -36,12 +36,12 @@ from tests.fix_containerd import Daemon, Managers, clean_namespace
 from tests.integration.test_estargz_tools import (
     checked,
     ctr_import,
+    ctr_remote_converted,
     images,
     layout_tar,
     read_json,
     tool,
     tree,
-    write_layout,
 )
 from tests.layers import TAR, TAR_GZIP, TAR_ZSTD, BytesProvider, compress, digest_of, make_tar
 
@@ -296,17 +296,7 @@ def test_get_by_blob_of_a_layer_ctr_remote_made(
 ) -> None:
     """ctr-remote converts an image in the namespace; its local eStargz blob registered with
     `get_by_blob` keeps its annotations (labelled at once) and applies to its diff id."""
-    ctr_remote = tool("ctr-remote")
-    tar = make_tar(FILES)
-    layout = tmp_path / "layout"
-    write_layout(layout, gzip.compress(tar, mtime=0), {}, digest_of(tar), "gzip")
-    ctr_import(daemon, namespace, layout_tar(layout), "esgz-src")
-    checked(ctr_remote, "-a", daemon.address, "-n", namespace, "images", "convert",
-            "--estargz", "--oci", "esgz-src", "esgz-dst")  # fmt: skip
-    target = next(i.target for i in images.images.list() if i.name == "esgz-dst")
-    manifest = read_json(images, target.digest)
-    if "manifests" in manifest:
-        manifest = read_json(images, manifest["manifests"][0]["digest"])
+    manifest = ctr_remote_converted(daemon, namespace, images, tmp_path, FILES, "esgz")
     [layer] = manifest["layers"]
     [diff_id] = read_json(images, manifest["config"]["digest"])["rootfs"]["diff_ids"]
     annotations = {

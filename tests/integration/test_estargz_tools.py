@@ -125,6 +125,31 @@ def read_json(client: Client, digest: str) -> Any:
     return json.loads(b"".join(client.content.read(digest)))
 
 
+def ctr_remote_converted(
+    daemon: Daemon,
+    namespace: str,
+    images: Client,
+    tmp_path: pathlib.Path,
+    files: dict[str, bytes],
+    name: str,
+    *options: str,
+) -> Any:
+    """Imports a plain gzip image of `files` as `name-src`, has ctr-remote convert it to
+    eStargz (with `options`) as `name-dst`, and returns the converted image's manifest."""
+    ctr_remote = tool("ctr-remote")
+    tar = make_tar(files)
+    layout = tmp_path / "layout"
+    write_layout(layout, gzip.compress(tar, mtime=0), {}, digest_of(tar), "gzip")
+    ctr_import(daemon, namespace, layout_tar(layout), f"{name}-src")
+    checked(ctr_remote, "-a", daemon.address, "-n", namespace, "images", "convert",
+            "--estargz", "--oci", *options, f"{name}-src", f"{name}-dst")  # fmt: skip
+    target = next(i.target for i in images.images.list() if i.name == f"{name}-dst")
+    manifest = read_json(images, target.digest)
+    if target.media_type == OCI_INDEX:
+        manifest = read_json(images, manifest["manifests"][0]["digest"])
+    return manifest
+
+
 @pytest.fixture
 def images(client: Client) -> Iterator[Client]:
     """The test's client; every image the test made is deleted afterwards."""
@@ -168,19 +193,9 @@ def test_umoci_unpacks_our_layer(tmp_path: pathlib.Path) -> None:
 def test_layers_ctr_remote_converted_pass_our_reader(
     daemon: Daemon, namespace: str, images: Client, tmp_path: pathlib.Path
 ) -> None:
-    ctr_remote = tool("ctr-remote")
-    tar = make_tar(FILES)
-    layout = tmp_path / "layout"
-    write_layout(layout, gzip.compress(tar, mtime=0), {}, digest_of(tar), "gzip")
-    ctr_import(daemon, namespace, layout_tar(layout), "estargz-src")
-    checked(ctr_remote, "-a", daemon.address, "-n", namespace, "images", "convert",
-            "--estargz", "--oci", "--estargz-chunk-size", "65536",
-            "estargz-src", "estargz-dst")  # fmt: skip
-
-    target = next(i.target for i in images.images.list() if i.name == "estargz-dst")
-    manifest = read_json(images, target.digest)
-    if target.media_type == OCI_INDEX:
-        manifest = read_json(images, manifest["manifests"][0]["digest"])
+    manifest = ctr_remote_converted(
+        daemon, namespace, images, tmp_path, FILES, "estargz", "--estargz-chunk-size", "65536"
+    )
     [desc] = manifest["layers"]
     toc_digest = desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]
     blob = b"".join(images.content.read(desc["digest"]))

@@ -12,7 +12,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +41,7 @@ from pyctrd_cache.registry import (
     push,
 )
 from tests.checks import blob_count, gc, owned_leases, snapshot_names
+from tests.cli_runs import Cli, one_line_error
 from tests.fix_containerd import Daemon, Managers
 from tests.integration.test_oci import make_tree, tree_of
 from tests.layers import TAR_GZIP, digest_of, layer
@@ -433,28 +433,6 @@ def test_plain_http_only_on_loopback_with_insecure() -> None:
 # The command line.
 
 
-def _cli(daemon: Daemon, namespace: str, state: pathlib.Path, *args: str) -> str:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyctrd_cache.cli",
-            "--address",
-            daemon.address,
-            "--namespace",
-            namespace,
-            "--state-dir",
-            str(state),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 @pytest.fixture
 def _after_cli(managers: Managers, client: Client) -> Iterator[None]:
     yield
@@ -471,19 +449,17 @@ def test_cli_push_and_pull(
     open_registry: Registry,
     tmp_path: pathlib.Path,
 ) -> None:
-    state = managers.state_dir
+    cli = Cli(daemon, namespace, managers.state_dir)
     src = make_tree(tmp_path)
-    record = _cli(daemon, namespace, state, "import", str(src)).strip()
+    record = cli.ok("import", str(src)).strip()
     target = open_registry.ref("cli/app:1")
-    digest = _cli(daemon, namespace, state, "push", record, target, "--insecure").strip()
+    digest = cli.ok("push", record, target, "--insecure").strip()
     assert digest.startswith("sha256:")
     layout = tmp_path / "layout"
-    assert _cli(daemon, namespace, state, "push", record, f"oci-layout:{layout}:v1").startswith(
-        "sha256:"
-    )
-    pulled = _cli(daemon, namespace, state, "pull", target, "--insecure").strip()
+    assert cli.ok("push", record, f"oci-layout:{layout}:v1").startswith("sha256:")
+    pulled = cli.ok("pull", target, "--insecure").strip()
     assert pulled == record  # same blob chain: the same record
-    assert _cli(daemon, namespace, state, "pull", f"oci-layout:{layout}:v1").strip() == record
+    assert cli.ok("pull", f"oci-layout:{layout}:v1").strip() == record
     manifest = httpx.get(
         open_registry.url(f"cli/app/manifests/{digest}"), headers={"Accept": OCI_MANIFEST}
     )
@@ -491,25 +467,5 @@ def test_cli_push_and_pull(
 
 
 def test_cli_errors_are_one_line(daemon: Daemon, namespace: str, tmp_path: pathlib.Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyctrd_cache.cli",
-            "--address",
-            daemon.address,
-            "--namespace",
-            namespace,
-            "--state-dir",
-            str(tmp_path / "state"),
-            "pull",
-            "127.0.0.1:1/team/app:1",
-            "--insecure",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 1
-    assert out.stderr.count("\n") == 1
-    assert "127.0.0.1:1/team/app:1" in out.stderr
+    out = Cli(daemon, namespace, tmp_path / "state")("pull", "127.0.0.1:1/team/app:1", "--insecure")
+    one_line_error(out, "127.0.0.1:1/team/app:1")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pyctrd_cache import Manager, NotFoundError, PrunePolicy
 from pyctrd_cache.client import Client, SnapshotKind
 from tests.checks import owned_leases
-from tests.fix_containerd import SNAPSHOTTER, Daemon
+from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 from tests.reliability.workload import ref_digest
 
 
@@ -117,3 +117,32 @@ def check_all(cm: Manager, client: Client, daemon: Daemon, kept: Mapping[str, st
     found.leaks += after.leaks
     found.problems += after.problems
     return found
+
+
+@dataclass
+class Trials:
+    """The findings of a series of faults, each followed by a reopen and the invariants."""
+
+    survived: int = 0
+    records_lost: int = 0
+    leaks: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def check(
+        self,
+        trial: int,
+        managers: Managers,
+        client: Client,
+        daemon: Daemon,
+        kept: Mapping[str, str],
+    ) -> None:
+        """Reopens the manager after trial `trial` and checks every invariant."""
+        cm = managers.open()
+        found = check_all(cm, client, daemon, kept)
+        cm.close()
+        self.records_lost += found.records_lost
+        self.leaks += found.leaks
+        if found.problems:
+            self.problems += [f"trial {trial}: {p}" for p in found.problems]
+        else:
+            self.survived += 1

@@ -11,7 +11,7 @@ from pyctrd_cache.client import Client
 from tests.fix_containerd import Daemon, Managers
 from tests.reliability import tally
 from tests.reliability.children import WorkloadChild
-from tests.reliability.invariants import check_all
+from tests.reliability.invariants import Trials
 
 TRIALS = tally.scaled(ci=30, long=200)
 SEED = int(os.environ.get("PYCTRD_RELIABILITY_SEED", "6"))
@@ -21,8 +21,8 @@ def test_sigkill_at_random_moments(
     daemon: Daemon, namespace: str, client: Client, managers: Managers
 ) -> None:
     rng = random.Random(SEED)
-    problems: list[str] = []
-    survived = lost = leaks = kept = 0
+    trials = Trials()
+    kept = 0
     for trial in range(TRIALS):
         with WorkloadChild(
             daemon, namespace, str(managers.state_dir), rng.randrange(1 << 30), 600
@@ -30,22 +30,14 @@ def test_sigkill_at_random_moments(
             child.wait_ready()
             time.sleep(rng.uniform(0.0, 2.5))
             child.kill()
-        cm = managers.open()
-        found = check_all(cm, client, daemon, child.kept)
-        cm.close()
+        trials.check(trial, managers, client, daemon, child.kept)
         kept += len(child.kept)
-        lost += found.records_lost
-        leaks += found.leaks
-        if found.problems:
-            problems += [f"trial {trial}: {p}" for p in found.problems]
-        else:
-            survived += 1
     tally.add(
         "crash trials",
         trials=TRIALS,
-        faults_survived=survived,
+        faults_survived=trials.survived,
         kept_records_checked=kept,
-        records_lost=lost,
-        leaks=leaks,
+        records_lost=trials.records_lost,
+        leaks=trials.leaks,
     )
-    assert problems == []
+    assert trials.problems == []

@@ -14,7 +14,7 @@ from pyctrd_cache.client import Client
 from tests.fix_containerd import Daemon, Managers
 from tests.reliability import tally
 from tests.reliability.children import WorkloadChild
-from tests.reliability.invariants import check_all
+from tests.reliability.invariants import Trials
 
 ROUNDS = tally.scaled(ci=3, long=20)
 WORK_SECONDS = 4.0
@@ -26,8 +26,8 @@ def test_daemon_goes_down_mid_workload(
 ) -> None:
     embedded = daemon.restartable()
     rng = random.Random(f"{how}-{daemon.name}")
-    problems: list[str] = []
-    survived = lost = leaks = unavailable = steps = 0
+    trials = Trials()
+    unavailable = steps = 0
     for trial in range(ROUNDS):
         with WorkloadChild(
             daemon,
@@ -47,26 +47,18 @@ def test_daemon_goes_down_mid_workload(
             embedded.start()
             code = child.wait(120)
             if code != 0 or child.done is None:
-                problems.append(f"trial {trial}: workload exited {code}: {child.stderr()}")
+                trials.problems.append(f"trial {trial}: workload exited {code}: {child.stderr()}")
                 continue
         steps += child.done[0]
         unavailable += child.done[1]
-        cm = managers.open()
-        found = check_all(cm, client, daemon, child.kept)
-        cm.close()
-        lost += found.records_lost
-        leaks += found.leaks
-        if found.problems:
-            problems += [f"trial {trial}: {p}" for p in found.problems]
-        else:
-            survived += 1
+        trials.check(trial, managers, client, daemon, child.kept)
     tally.add(
         f"daemon {how}",
         trials=ROUNDS,
-        faults_survived=survived,
+        faults_survived=trials.survived,
         operations=steps,
         unavailable_errors=unavailable,
-        records_lost=lost,
-        leaks=leaks,
+        records_lost=trials.records_lost,
+        leaks=trials.leaks,
     )
-    assert problems == []
+    assert trials.problems == []

@@ -27,7 +27,8 @@ from pyctrd_cache import CachePolicy, Manager, PrunePolicy, StoreDamagedError
 from pyctrd_cache.client import Client
 from pyctrd_cache.manager import OWNER_LABEL
 from pyctrd_cache.metadata import DB_NAME, ID_NAME, MetadataStore
-from tests.fix_containerd import ROOT, SNAPSHOTTER, Daemon, Managers
+from tests.checks import run_killed_child
+from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 from tests.layers import make_tar
 from tests.reliability import tally
 
@@ -225,25 +226,10 @@ def test_removed_row_is_refused_then_given_up(
 def test_deleted_write_ahead_log_after_sigkill(
     daemon: Daemon, namespace: str, managers: Managers, client: Client
 ) -> None:
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.reliability.test_store_damage",
-            daemon.address,
-            namespace,
-            str(managers.state_dir),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    out = run_killed_child("tests.reliability.test_store_damage", daemon, managers)
     trees: Trees = {
         record_id: {name: bytes.fromhex(data) for name, data in files.items()}
-        for record_id, files in json.loads(child.stdout).items()
+        for record_id, files in json.loads(out).items()
     }
     wal = managers.state_dir / (DB_NAME + "-wal")
     assert wal.stat().st_size > 0

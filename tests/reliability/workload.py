@@ -34,6 +34,7 @@ from pyctrd_cache import (
     DescHandler,
     ImmutableRef,
     Manager,
+    MutableRef,
     PrunePolicy,
     UnavailableError,
 )
@@ -127,47 +128,46 @@ class Workload:
             if retain:
                 self._keep(active_ref)
 
-    def build(self, rng: random.Random) -> None:
-        """new, writes through a local mount, commit, maybe finalize and keep."""
+    def _new_and_commit(
+        self,
+        rng: random.Random,
+        write: Callable[[MutableRef, random.Random], None],
+        *,
+        abandon: float = 0.0,
+    ) -> None:
+        """new on a kept record (or on nothing), `write` into it, commit, maybe finalize
+        and keep; with probability `abandon` the mutable record is released uncommitted."""
         retain = rng.random() < 0.5
-        with contextlib.ExitStack() as stack:
-            parent = self._kept_parent(rng)
-            if parent is not None:
-                stack.enter_context(parent)
-            active = self.cm.new(
-                parent,
-                cache_policy=CachePolicy.RETAIN if retain else CachePolicy.DEFAULT,
-                description=KEEP if retain else "scratch",
-            )
-            with contextlib.ExitStack() as mutable:
-                mutable.callback(active.release)
-                with active.mount(readonly=False) as target:
-                    for name, data in self._files(rng).items():
-                        (target / name).parent.mkdir(parents=True, exist_ok=True)
-                        (target / name).write_bytes(data)
-                if rng.random() < 0.2:
-                    return
-                mutable.pop_all()
-            self._finish(active.commit(), rng, retain)
-
-    def apply(self, rng: random.Random) -> None:
-        """new, apply of a layer tar through containerd's diff service, commit."""
-        retain = rng.random() < 0.5
-        with contextlib.ExitStack() as stack:
-            parent = self._kept_parent(rng)
-            if parent is not None:
-                stack.enter_context(parent)
+        parent = self._kept_parent(rng)
+        with parent if parent is not None else contextlib.nullcontext():
             active = self.cm.new(
                 parent,
                 cache_policy=CachePolicy.RETAIN if retain else CachePolicy.DEFAULT,
                 description=KEEP if retain else "scratch",
             )
             try:
-                active.apply(make_tar(self._files(rng)))
+                write(active, rng)
             except BaseException:
                 active.release()
                 raise
+            if abandon and rng.random() < abandon:
+                active.release()
+                return
             self._finish(active.commit(), rng, retain)
+
+    def build(self, rng: random.Random) -> None:
+        """new, writes through a local mount, commit, maybe finalize and keep."""
+        self._new_and_commit(rng, self._write_through_mount, abandon=0.2)
+
+    def _write_through_mount(self, active: MutableRef, rng: random.Random) -> None:
+        with active.mount(readonly=False) as target:
+            for name, data in self._files(rng).items():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                (target / name).write_bytes(data)
+
+    def apply(self, rng: random.Random) -> None:
+        """new, apply of a layer tar through containerd's diff service, commit."""
+        self._new_and_commit(rng, lambda active, r: active.apply(make_tar(self._files(r))))
 
     def lazy_chain(self, rng: random.Random) -> None:
         """get_by_blob of a chain of one to three blobs the provider serves; the records
