@@ -21,7 +21,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 
 # The package first, so that editing the tests does not reinstall the dependencies.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY pyctrd_cache/ pyctrd_cache/
 COPY containerd_api/ containerd_api/
 # PIP_CERT: a CA bundle to trust for PyPI, for builds behind an intercepting proxy (the
@@ -29,7 +29,7 @@ COPY containerd_api/ containerd_api/
 ARG PIP_CERT=""
 RUN python3 -m venv /opt/venv \
     && if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
-    && /opt/venv/bin/pip install --only-binary=:all: ".[dev]"
+    && /opt/venv/bin/pip install --only-binary=:all: ".[test]"
 
 COPY tests/ tests/
 COPY scripts/ scripts/

@@ -5,6 +5,7 @@ The public names are re-exported here; the modules behind them are free to move.
 
 from __future__ import annotations
 
+from ._version import __version__
 from .client.types import Descriptor, Mount
 from .compression import Compression
 from .embedded import EmbeddedContainerd
@@ -68,6 +69,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "UsageInfo",
+    "__version__",
     "export_layout",
     "import_path",
     "pull",

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 from . import filters
 from ._progress import human_duration, human_size, progress_bar
+from ._version import __version__
 from .client import DEFAULT_ADDRESS, Client, validate_namespace
 from .compression import Compression
 from .embedded import EmbeddedContainerd
@@ -134,6 +135,7 @@ def split_layout(text: str) -> tuple[str, str | None]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="BuildKit's layer cache manager on a real containerd.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--address",
         help="containerd socket (default: $CONTAINERD_ADDRESS, else " + DEFAULT_ADDRESS + ")",

@@ -72,9 +72,11 @@ class EmbeddedContainerd:
 
     @property
     def pid(self) -> int | None:
+        """The daemon's process id while it runs, else None."""
         return self._process.pid if self._process and self._process.poll() is None else None
 
     def start(self) -> EmbeddedContainerd:
+        """Starts the daemon (a no-op while it runs) and waits until its socket answers."""
         if self.pid is not None:
             return self
         path = shutil.which(self.binary)
@@ -131,6 +133,7 @@ class EmbeddedContainerd:
                 time.sleep(0.05)
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last `lines` lines of the daemon's log, for error messages."""
         try:
             text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
@@ -162,6 +165,7 @@ class EmbeddedContainerd:
         self._process = None
 
     def restart(self) -> None:
+        """Stops the daemon gracefully and starts it again on the same root."""
         self.stop()
         self.start()
 

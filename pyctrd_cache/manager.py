@@ -178,10 +178,12 @@ class Manager:
 
     @property
     def namespace(self) -> str:
+        """The containerd namespace the manager works in."""
         return self._client.namespace
 
     @property
     def state_dir(self) -> pathlib.Path:
+        """The directory that holds the metadata store and the manager id."""
         return self._store.state_dir
 
     @property
@@ -195,6 +197,7 @@ class Manager:
         return self._client.content
 
     def new_id(self) -> str:
+        """A fresh random record id, in the form `new` and `get_by_blob` use."""
         return _new_id()
 
     # containerd helpers.

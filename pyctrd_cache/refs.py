@@ -339,6 +339,7 @@ class Ref:
 
     @property
     def id(self) -> str:
+        """The record's id, stable across restarts."""
         return self._rec.id
 
     def _check(self) -> None:
@@ -347,6 +348,7 @@ class Ref:
             raise InvalidError(f"ref {self.id} was already released")
 
     def release(self) -> None:
+        """Gives the handle up; each ref is released once, or used as a context manager."""
         raise NotImplementedError
 
     def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
@@ -374,36 +376,44 @@ class Ref:
             target.rmdir()
 
     def info(self) -> RefInfo:
+        """A snapshot of the record's metadata, read under the record lock."""
         self._check()
         with self._rec.mu:
             return self._rec.info()
 
     @property
     def description(self) -> str:
+        """The caller's description of the record."""
         return self._rec.md.description
 
     @property
     def created_at(self) -> datetime | None:
+        """When the record was created (UTC)."""
         return _datetime(self._rec.md.created_at)
 
     @property
     def last_used_at(self) -> datetime | None:
+        """When the record was last used (UTC): the release of its last handle; None if never."""
         return _datetime(self._rec.md.last_used_at)
 
     @property
     def usage_count(self) -> int:
+        """How many times the record was used (BuildKit's `cache.usageCount`)."""
         return self._rec.md.usage_count
 
     @property
     def record_type(self) -> RecordType:
+        """What the record holds (BuildKit's record type)."""
         return RecordType(self._rec.md.record_type or RecordType.REGULAR)
 
     @property
     def layer_type(self) -> str:
+        """The caller's layer type label (BuildKit's `cache.layerType`)."""
         return self._rec.md.layer_type
 
     @property
     def cache_policy(self) -> CachePolicy:
+        """DEFAULT (pruned when unused) or RETAIN."""
         return CachePolicy(self._rec.md.cache_policy)
 
     def _set(self, **values: object) -> None:
@@ -414,19 +424,24 @@ class Ref:
             self._rec.save()
 
     def set_description(self, description: str) -> None:
+        """Sets the description (at most 4096 bytes), stored at once."""
         _validate.description(description)
         self._set(description=description)
 
     def set_record_type(self, record_type: RecordType) -> None:
+        """Sets the record type, stored at once."""
         self._set(record_type=RecordType(record_type).value)
 
     def set_layer_type(self, layer_type: str) -> None:
+        """Sets the layer type label, stored at once."""
         self._set(layer_type=layer_type)
 
     def set_cache_policy(self, policy: CachePolicy) -> None:
+        """Sets the cache policy, stored at once (it survives a reopen)."""
         self._set(cache_policy=CachePolicy(policy).value)
 
     def set_created_at(self, created_at: datetime) -> None:
+        """Sets the creation time; `InvalidError` for a naive datetime."""
         if created_at.tzinfo is None:
             raise InvalidError("created_at must be timezone-aware")
         self._set(created_at=int(created_at.timestamp() * 1e9))
@@ -440,6 +455,7 @@ class Ref:
         return value
 
     def set_external(self, key: str, value: bytes) -> None:
+        """Stores opaque per-record data under `key`, read back with `get_external`."""
         self._check()
         self._rec.cm._store.set_external(self.id, key, bytes(value))
 
@@ -451,6 +467,7 @@ class ImmutableRef(Ref):
         return self
 
     def release(self) -> None:
+        """Gives the handle up; a record with no handle left is reclaimable by `prune`."""
         with self._rec.cm._mu:
             self._release_locked()
 
@@ -539,6 +556,7 @@ class MutableRef(Ref):
         return self
 
     def release(self) -> None:
+        """Gives the handle up; an uncommitted record goes with it unless it is RETAIN."""
         cm = self._rec.cm
         with cm._mu, self._rec.mu:
             self._check()

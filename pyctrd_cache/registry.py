@@ -442,6 +442,7 @@ class RegistryProvider:
         return [f"repository:{self.reference.repository}:pull"]
 
     def open(self, desc: Descriptor) -> BinaryIO:
+        """Streams the blob from the registry, following redirects; `NotFoundError` on a 404."""
         url = self._session.url(self.reference.repository, "blobs", desc.digest)
         response = self._session.request(
             "GET", url, scopes=self._pull_scope(), stream=True, follow_redirects=True

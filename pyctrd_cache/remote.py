@@ -96,10 +96,12 @@ class OCILayoutProvider:
             raise InvalidError(f"{self.path}: unsupported OCI image layout version {version!r}")
 
     def blob_path(self, digest: str) -> pathlib.Path:
+        """Where the layout keeps the blob of `digest` (checked to be sha256)."""
         algorithm, _, hex_digest = parse_digest(digest).partition(":")
         return self.path / "blobs" / algorithm / hex_digest
 
     def open(self, desc: Descriptor) -> BinaryIO:
+        """A readable stream of the blob; `NotFoundError` when the layout does not have it."""
         try:
             return open(self.blob_path(desc.digest), "rb")
         except FileNotFoundError:

@@ -5,13 +5,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Platform(_message.Message):
-    __slots__ = ("os", "architecture", "variant", "os_version")
-    OS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ["architecture", "os", "os_version", "variant"]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
-    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    OS_FIELD_NUMBER: _ClassVar[int]
     OS_VERSION_FIELD_NUMBER: _ClassVar[int]
-    os: str
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     architecture: str
-    variant: str
+    os: str
     os_version: str
+    variant: str
     def __init__(self, os: _Optional[str] = ..., architecture: _Optional[str] = ..., variant: _Optional[str] = ..., os_version: _Optional[str] = ...) -> None: ...

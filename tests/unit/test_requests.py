@@ -58,14 +58,17 @@ def missing_messages(message: Message, path: str = "") -> list[str]:
         if field.message_type is None or field.message_type.GetOptions().map_entry:
             continue
         name = f"{path}{field.name}"
-        if field.is_repeated:
-            for i, item in enumerate(getattr(message, field.name)):
+        value = getattr(message, field.name)
+        # A repeated field's value is a container, not a message (in every protobuf runtime;
+        # the descriptor's way of saying so changed between majors).
+        if not isinstance(value, Message):
+            for i, item in enumerate(value):
                 missing += missing_messages(item, f"{name}[{i}].")
         elif not message.HasField(field.name):
             if field.message_type.full_name not in OPTIONAL_TYPES:
                 missing.append(f"{message.DESCRIPTOR.full_name}.{field.name}")
         else:
-            missing += missing_messages(getattr(message, field.name), f"{name}.")
+            missing += missing_messages(value, f"{name}.")
     return missing
 
 

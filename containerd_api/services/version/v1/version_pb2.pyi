@@ -6,9 +6,9 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VersionResponse(_message.Message):
-    __slots__ = ("version", "revision")
-    VERSION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ["revision", "version"]
     REVISION_FIELD_NUMBER: _ClassVar[int]
-    version: str
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     revision: str
+    version: str
     def __init__(self, version: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
