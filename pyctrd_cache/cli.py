@@ -1,7 +1,8 @@
 """The `pyctrd-cache` command.
 
-Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback), 2 usage
-(one line on stderr), 130 interrupted.
+Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback, control
+characters escaped: the text may come from a registry), 2 usage (one line on stderr), 130
+interrupted.
 
 Sizes print in decimal units and ages in words, as `buildctl du` prints them; JSON output
 gives sizes in bytes and times in RFC 3339 (UTC), with the same keys every time.
@@ -14,6 +15,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import os
 import pathlib
 import re
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from .refs import ImmutableRef
 
 PROG: Final = "pyctrd-cache"
+_log = logging.getLogger(__name__)
 
 
 def one_line(message: str) -> str:
@@ -259,9 +262,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _insecure_option(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that may talk to a registry."""
     parser.add_argument(
         "--insecure", action="store_true", help="plain HTTP to a registry on a loopback host"
     )
+    parser.add_argument(
+        "--timeout",
+        type=_argument_type(_seconds),
+        metavar="SECONDS",
+        help="seconds a registry request may take; a blob also gets its size at 64 KiB/s "
+        "(default: $PYCTRD_HTTP_TIMEOUT, else 30)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"invalid timeout {text!r} (expected seconds)") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"invalid timeout {text!r} (expected a positive number of seconds)")
+    return value
 
 
 OCI_LAYOUT_PREFIX: Final = "oci-layout:"
@@ -649,6 +670,7 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
                     compression=compression,
                     force_compression=args.force_compression,
                     insecure=args.insecure,
+                    timeout=args.timeout,
                     progress=progress,
                 )
         finally:
@@ -666,7 +688,12 @@ def _pull(args: argparse.Namespace) -> int:
             ref = oci.pull_layout(cm, *layout, extract=args.extract, progress=progress)
         else:
             ref = registry.pull(
-                cm, args.layout, insecure=args.insecure, extract=args.extract, progress=progress
+                cm,
+                args.layout,
+                insecure=args.insecure,
+                timeout=args.timeout,
+                extract=args.extract,
+                progress=progress,
             )
         record_id = ref.id
         ref.release()
@@ -706,7 +733,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {_printable(one_line(message))}", file=sys.stderr)
     return 1
 
 
@@ -728,6 +755,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(err))
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # A failure the library did not foresee still ends in the one-line error; the
+        # traceback goes to the log.
+        _log.debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected {type(err).__name__}: {err}")
 
 
 if __name__ == "__main__":
