@@ -882,12 +882,39 @@ def _check_tar(source: pathlib.Path) -> None:
             raise InvalidError(f"{source} is not a valid tar: {err}") from None
 
 
+MAX_SPECIAL_HEADER: Final = 1 << 20
+"""The largest PAX or GNU long-name header read from a tar (the limit of Go's archive/tar,
+which containerd's archive code reads layers with)."""
+_SPECIAL_TYPES: Final = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """A member header that refuses a PAX or GNU long-name header over
+    `MAX_SPECIAL_HEADER` bytes before tarfile reads it into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _SPECIAL_TYPES and self.size > MAX_SPECIAL_HEADER:
+            raise tarfile.HeaderError(
+                f"a PAX or GNU long-name header of {self.size} bytes "
+                f"(at most {MAX_SPECIAL_HEADER})"
+            )
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
+
+
 def _open_tar_stream(raw: BinaryIO, *, zstd: bool) -> tarfile.TarFile:
-    """A streaming tar reader; tarfile detects gzip itself, zstd is decompressed here."""
+    """A streaming tar reader with capped special headers; tarfile detects gzip itself,
+    zstd is decompressed here."""
     if zstd:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return tarfile.open(fileobj=reader, mode="r|")
-    return tarfile.open(fileobj=raw, mode="r|*")
+        return tarfile.open(fileobj=reader, mode="r|", tarinfo=_CappedTarInfo)
+    return tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CappedTarInfo)
 
 
 def _escapes(name: str) -> bool:
