@@ -901,8 +901,7 @@ class _CappedTarInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _SPECIAL_TYPES and self.size > MAX_SPECIAL_HEADER:
             raise tarfile.HeaderError(
-                f"a PAX or GNU long-name header of {self.size} bytes "
-                f"(at most {MAX_SPECIAL_HEADER})"
+                f"a PAX or GNU long-name header of {self.size} bytes (at most {MAX_SPECIAL_HEADER})"
             )
         member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
         return member

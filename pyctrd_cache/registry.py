@@ -20,9 +20,10 @@ Registries are not trusted (docs/security.md):
 - Bodies are read raw and decoded here, in bounded steps, and capped on the decoded bytes:
   `MAX_MANIFEST` for a manifest or index, `MAX_TOKEN_ANSWER` for a token server's answer,
   `MAX_ERROR_BODY` for an error body (longer ones are not read).
-- Every request has a deadline: `timeout` seconds (`DEFAULT_TIMEOUT`, or
-  `$PYCTRD_HTTP_TIMEOUT`) from sending it to the end of its answer, and for a blob also
-  `MIN_THROUGHPUT` bytes a second of its size; the wait for one read is at most `timeout`.
+- Every answer has a deadline: its body must have arrived `timeout` seconds
+  (`DEFAULT_TIMEOUT`, or `$PYCTRD_HTTP_TIMEOUT`) after its headers, a blob's its size at
+  `MIN_THROUGHPUT` bytes a second later still. Connecting waits at most 10 s, and any one
+  read (of the headers too) at most `timeout`.
 - A reference longer than `MAX_REFERENCE` characters, or carrying credentials
   (`user:password@host`), is refused without echoing them.
 """
@@ -106,8 +107,8 @@ MAX_ERROR_BODY: Final = 64 << 10
 MAX_REFERENCE: Final = 255
 """The longest `host[:port]/repository` accepted (the distribution spec's 255 characters)."""
 DEFAULT_TIMEOUT: Final = 30.0
-"""Seconds a request may take, from sending it to the end of its answer (blobs get more,
-by `MIN_THROUGHPUT`)."""
+"""Seconds an answer's body may take once its headers arrived (a blob's gets more, by
+`MIN_THROUGHPUT`), and the longest wait for any one read."""
 TIMEOUT_ENV: Final = "PYCTRD_HTTP_TIMEOUT"
 """The environment variable that sets the timeout when the caller gives none."""
 MIN_THROUGHPUT: Final = 64 << 10
@@ -337,8 +338,8 @@ class _Session:
         return f"{self.base}/v2/{repository}/{kind}/{name}"
 
     def deadline(self, size: int = 0) -> float:
-        """When a request sent now must be answered by: the timeout, plus `size` bytes at
-        `MIN_THROUGHPUT`."""
+        """When a body whose headers arrived now must have arrived: the timeout, plus `size`
+        bytes at `MIN_THROUGHPUT`."""
         return time.monotonic() + self.timeout + size / MIN_THROUGHPUT
 
     def request(
@@ -355,7 +356,6 @@ class _Session:
     ) -> _Answer:
         """`stream`, and its answer read whole within the deadline: a body over `limit`
         decoded bytes is not kept (`body` None)."""
-        deadline = self.deadline()
         response = self.stream(
             method,
             url,
@@ -366,11 +366,12 @@ class _Session:
             follow_redirects=follow_redirects,
         )
         with contextlib.closing(response):
-            return _Answer(response, self.read(response, limit, deadline), limit)
+            return _Answer(response, self.read(response, limit), limit)
 
-    def read(self, response: httpx.Response, limit: int, deadline: float) -> bytes | None:
-        """The decoded body, or None once it is over `limit` bytes."""
-        stream = _decoded(response, self.ref, deadline)
+    def read(self, response: httpx.Response, limit: int) -> bytes | None:
+        """The decoded body, read within the deadline, or None once it is over `limit`
+        bytes."""
+        stream = _decoded(response, self.ref, self.deadline())
         data = stream.read(limit + 1)
         return data if len(data) <= limit else None
 
@@ -541,7 +542,6 @@ class _Session:
         return self._token_of(self._token_call("GET", realm, params=query, auth=basic))
 
     def _token_call(self, method: str, realm: httpx.URL, **kwargs: Any) -> _Answer:
-        deadline = self.deadline()
         auth = kwargs.pop("auth", None)
         response = self._retrying(
             f"the token server ({method} {realm})",
@@ -550,9 +550,7 @@ class _Session:
             ),
         )
         with contextlib.closing(response):
-            return _Answer(
-                response, self.read(response, MAX_TOKEN_ANSWER, deadline), MAX_TOKEN_ANSWER
-            )
+            return _Answer(response, self.read(response, MAX_TOKEN_ANSWER), MAX_TOKEN_ANSWER)
 
     def _token_of(self, answer: _Answer) -> str:
         if answer.status_code in (401, 403):
@@ -729,15 +727,13 @@ class RegistryProvider:
     def open(self, desc: Descriptor) -> BinaryIO:
         """Streams the blob from the registry, following redirects; `NotFoundError` on a 404."""
         session = self._session
-        deadline = session.deadline(desc.size)
         url = session.url(self.reference.repository, "blobs", desc.digest)
         response = session.stream("GET", url, scopes=self._pull_scope(), follow_redirects=True)
         if response.status_code != 200:
             with contextlib.closing(response):
-                text = session.read(response, MAX_ERROR_BODY, deadline)
-                answer = _Answer(response, text, MAX_ERROR_BODY)
+                answer = _Answer(response, session.read(response, MAX_ERROR_BODY), MAX_ERROR_BODY)
             raise _failure(answer, f"{self.reference}: blob {desc.digest}")
-        body = _decoded(response, self.reference, deadline)
+        body = _decoded(response, self.reference, session.deadline(desc.size))
         return io.BufferedReader(_BlobStream(response, body, desc, self.reference), _CHUNK)
 
     def check_blob(self, desc: Descriptor) -> None:
