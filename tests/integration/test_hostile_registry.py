@@ -6,6 +6,7 @@ clients refuse, and the distribution spec's rules on `Location` and auth."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import zstandard
 
 from pyctrd_cache import AuthError, CacheError, DescHandler, InvalidError, UnavailableError, cli
 from pyctrd_cache.client import Descriptor
@@ -306,6 +308,26 @@ def test_bodies_are_capped_on_their_decoded_bytes(kind: str, encoding: str) -> N
     refused(peak[0] < MEMORY, (peak[0], info.value))
     expected = {"manifest": "larger than", "token": "larger than", "error": "not read"}[kind]
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "zstd"])
+def test_encoded_bodies_within_the_caps_are_read(encoding: str) -> None:
+    """The control: a manifest and a blob sent with a `Content-Encoding` arrive decoded."""
+    blobs, manifest, desc = image()
+    encode = {"gzip": gzip.compress, "zstd": zstandard.ZstdCompressor().compress}[encoding]
+
+    def answer(h: Handler, seen: Seen) -> None:
+        body = manifest if "/manifests/" in seen.path else blobs[desc.digest]
+        reply(h, 200, encode(body), {"Content-Encoding": encoding, "Content-Type": OCI_MANIFEST})
+
+    with serve() as registry:
+        registry.answer = answer
+        provider = RegistryProvider(registry.ref("team/app:1"), insecure=True)
+        found, _ = provider.manifest()
+        with provider.open(desc) as stream:
+            got = stream.read()
+    assert found.digest == digest_of(manifest)
+    assert got == blobs[desc.digest]
 
 
 # 6. Deadlines: per request, and per blob relative to its size.
