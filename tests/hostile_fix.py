@@ -7,13 +7,10 @@ credentials went where.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import http.server
 import ipaddress
 import json
 import pathlib
-import ssl
-import threading
 import time
 import tracemalloc
 import zlib
@@ -23,11 +20,10 @@ from dataclasses import dataclass, field
 import pytest
 import zstandard
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from tests.registry_fix import PASSWORD
+from tests.registry_fix import PASSWORD, self_signed, serving
 from tests.reliability import tally
 
 Handler = http.server.BaseHTTPRequestHandler
@@ -72,29 +68,12 @@ class Server:
 def make_certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """A self-signed server certificate for 127.0.0.1, ::1 and localhost, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyctrd hostile registry")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    names = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = self_signed(key, "pyctrd hostile registry", names)
     cert_path, key_path = directory / "server.pem", directory / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -105,10 +84,6 @@ def make_certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Pat
         )
     )
     return cert_path, key_path
-
-
-class _ThreadingServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
 
 
 @contextlib.contextmanager
@@ -132,20 +107,9 @@ def serve(tls: tuple[pathlib.Path, pathlib.Path] | None = None) -> Iterator[Serv
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any
 
-    server = _ThreadingServer(("127.0.0.1", 0), Handle)
-    if tls is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*tls)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    state.host = f"127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Handle, tls) as server:
+        state.host = f"127.0.0.1:{server.server_address[1]}"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture
