@@ -143,9 +143,11 @@ def export_layout(
 
     The layer blobs come from `ref.get_remote(compression=..., force_compression=...)`
     (made by containerd's diff service when needed), parent first. Blobs already in the
-    layout with the right size are kept. The manifest replaces the one of the same `tag`
-    (default `latest`) in `index.json`; other tags stay, and the old manifest's blobs are
-    left in place. `progress` hears `start`, `bytes` and `end` for every layer blob.
+    layout are kept when their bytes match their digest, else replaced. The manifest
+    replaces the one of the same `tag` (default `latest`) in `index.json`; other tags stay,
+    and the old manifest's blobs are left in place. A layout holding a symlink (or a FIFO or
+    device) where a file or directory goes is refused with `InvalidError`, and nothing is
+    written through one. `progress` hears `start`, `bytes` and `end` for every layer blob.
     """
     name = _check_tag("latest" if tag is None else tag)
     root = pathlib.Path(layout)
