@@ -244,7 +244,8 @@ def oci_desc(rec: _Record, dhs: DescHandlers) -> Descriptor:
 
 def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compression) -> None:
     """Records `desc` as the `compression` variant of the record's blob: held by the
-    record's lease first, then labelled on both blobs so that it is found after a restart."""
+    record's lease first, then labelled on both blobs so that it is found after a restart.
+    The caller does not hold the record lock."""
     client = rec.cm._client
     client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
     labels = {variant_label(compression): desc.digest}
@@ -255,6 +256,8 @@ def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compressio
     for key, value in filter_annotations_for_save(desc.annotations).items():
         variant[VARIANT_ANNOTATION_PREFIX + key] = value
     client.content.update_labels(desc.digest, variant)
+    with rec.mu:
+        rec.invalidate_size()  # the size counts every variant
 
 
 def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
@@ -555,8 +558,8 @@ def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
         raise
     with rec.mu:
         rec.md.blob_only = False
-        rec.md.size = None
         rec.save()
+        rec.invalidate_size()
 
 
 # Creating blobs and remotes.
@@ -892,8 +895,7 @@ def apply_layer(
         with rec.mu:
             mounts = leased.snapshots(cm.snapshotter).mounts(rec.md.snapshot_id)
             leased.diff.apply(desc, mounts)
-            rec.md.size = None
-            rec.save()
+            rec.invalidate_size()
 
 
 def _write_layer(

@@ -71,6 +71,8 @@ class _Record:
         self.equal_mutable: MutableRef | None = None
         self.equal_immutable: ImmutableRef | None = None
         self._parent_chain: list[str] | None = None
+        # Counts the changes of content or layout that make a measured size stale.
+        self.size_epoch = 0
 
     @property
     def id(self) -> str:
@@ -82,9 +84,22 @@ class _Record:
         return ref
 
     def mref(self, trigger_last_used: bool, dhs: DescHandlers) -> MutableRef:
+        """A writable handle: the size measured before no longer holds."""
         ref = MutableRef(self, trigger_last_used, dhs)
         self.refs.add(ref)
+        self.invalidate_size()
         return ref
+
+    def invalidate_size(self) -> None:
+        """Drops the measured size: the snapshot's content or the record's blobs changed."""
+        self.size_epoch += 1
+        if self.md.size is not None:
+            self.md.size = None
+            self.save()
+
+    def writable(self) -> bool:
+        """Whether a writable handle is open, so that the snapshot may change at any time."""
+        return self.mutable and bool(self.refs)
 
     def parent_ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef | None:
         """A new handle on the parent (takes the parent's lock)."""
@@ -171,6 +186,8 @@ class _Record:
 
     def release_mutable(self, ref: MutableRef) -> None:
         self.refs.discard(ref)
+        # Whatever the handle wrote (through mounts or apply) is measured afresh.
+        self.invalidate_size()
         if self.md.cache_policy != CachePolicy.RETAIN.value:
             twin = self.equal_immutable
             if twin is not None:
@@ -270,29 +287,41 @@ class _Record:
     def compute_size(self) -> int:
         """Snapshot usage plus the blob and its compression variants; cached in the row.
 
-        Takes the record lock itself; call it without holding it.
+        A record with a writable handle open is measured but not cached (its snapshot may
+        change at any time), and neither is a measurement that raced with a change of the
+        record (a write, an extraction, a finalize moving the snapshot) or that found the
+        snapshot missing. Takes the record lock itself; call it without holding it.
         """
-        with self.mu:
-            if self.md.size is not None:
-                return self.md.size
-            driver = self.md.snapshot_id
-            if self.equal_mutable is not None:
-                driver = self.equal_mutable._rec.md.snapshot_id
-            blob_only, blob = self.md.blob_only, self.md.blob
-        size = 0
-        if not blob_only:
-            try:
-                size = self.cm._client.snapshots(self.cm.snapshotter).usage(driver).size
-            except NotFoundError:
-                with self.mu:
-                    if self.is_dead():
-                        return 0
-        if blob:
-            size += self._blob_sizes(blob)
-        with self.mu:
-            self.md.size = size
-            self.save()
-        return size
+        while True:
+            with self.mu:
+                if self.md.size is not None and not self.writable():
+                    return self.md.size
+                state = self._size_state()
+            _, driver, blob_only, blob = state
+            size, complete = 0, True
+            if not blob_only:
+                try:
+                    size = self.cm._client.snapshots(self.cm.snapshotter).usage(driver).size
+                except NotFoundError:
+                    complete = False
+            if blob:
+                size += self._blob_sizes(blob)
+            with self.mu:
+                if self.is_dead():
+                    return 0
+                if self._size_state() != state:
+                    continue
+                if complete and not self.writable():
+                    self.md.size = size
+                    self.save()
+                return size
+
+    def _size_state(self) -> tuple[int, str, bool, str]:
+        """What a measured size depends on: the epoch, the snapshot measured, the blob."""
+        driver = self.md.snapshot_id
+        if self.equal_mutable is not None:
+            driver = self.equal_mutable._rec.md.snapshot_id
+        return (self.size_epoch, driver, self.md.blob_only, self.md.blob)
 
     def _blob_sizes(self, blob: str) -> int:
         content = self.cm._client.content
@@ -464,7 +493,7 @@ class ImmutableRef(Ref):
     def parent(self) -> ImmutableRef | None:
         """A new handle on the parent record (release it), or None."""
         self._check()
-        return self._rec.parent_ref(False, self.desc_handlers)
+        return self._rec.parent_ref(True, self.desc_handlers)
 
     def clone(self) -> ImmutableRef:
         """A new handle on the same record."""
