@@ -332,9 +332,12 @@ def chain_of(ref: ImmutableRef) -> list[_Record]:
 
 
 def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
-    """The lazy blobs of `recs` that have no handler."""
+    """The blobs of `recs` whose snapshots are not made yet, are not here, and have no
+    handler."""
     cm = recs[0].cm if recs else None
-    return [r.md.blob for r in recs if cm is not None and r.md.blob not in dhs and cm._is_lazy(r)]
+    return [
+        r.md.blob for r in recs if cm is not None and r.md.blob not in dhs and cm._snapshot_lazy(r)
+    ]
 
 
 # Pulling lazy blobs.
@@ -448,7 +451,7 @@ def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
 
 def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     cm = rec.cm
-    if not cm._is_lazy(rec):
+    if not cm._blob_missing(rec):
         return
     if dh is None:
         raise NeedsRemoteProvidersError([desc.digest])
@@ -500,6 +503,7 @@ def extract(ref: ImmutableRef, session: Session = ()) -> None:
             for r in chain_of(ref)
             if r.md.blob_only
             and not remote_snapshots.is_remote(leased, cm.snapshotter, r.md.snapshot_id)
+            and not _extracted_already(r, leased)
         ]
         pulls: list[threading.Thread] = []
         errors: dict[str, BaseException] = {}
@@ -529,6 +533,24 @@ def extract(ref: ImmutableRef, session: Session = ()) -> None:
                 t.join()
 
 
+def _extracted_already(rec: _Record, leased: Client) -> bool:
+    """Whether the snapshot a blob-only record would make exists (another record of the same
+    chain made it); the record then takes it without its blob being pulled."""
+    try:
+        leased.snapshots(rec.cm.snapshotter).stat(rec.md.snapshot_id)
+    except NotFoundError:
+        return False
+    _mark_extracted(rec)
+    return True
+
+
+def _mark_extracted(rec: _Record) -> None:
+    with rec.mu:
+        rec.md.blob_only = False
+        rec.save()
+        rec.invalidate_size()
+
+
 def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
     cm = rec.cm
     sn = leased.snapshots(cm.snapshotter)
@@ -556,10 +578,7 @@ def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
         with contextlib.suppress(CacheError):
             sn.remove(key)
         raise
-    with rec.mu:
-        rec.md.blob_only = False
-        rec.save()
-        rec.invalidate_size()
+    _mark_extracted(rec)
 
 
 # Creating blobs and remotes.

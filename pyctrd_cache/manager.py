@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Final
 
-from . import _validate, blobs, remote_snapshots
+from . import _validate, blobs, mountpoints, remote_snapshots
 from ._faults import crash_point
 from ._singleflight import SingleFlight
 from .client import DEFAULT_ADDRESS, Client, ContentService, Descriptor, LeaseResource, SnapshotKind
@@ -168,6 +168,8 @@ class Manager:
         manager = cls(client, store, snapshotter, shared_checker)
         try:
             manager._reconcile(repair=repair)
+            for path in mountpoints.clean_stale(manager.mounts_dir):
+                _log.debug("unmounted and removed %s, left by a process that is gone", path)
         except BaseException:
             manager.close()
             raise
@@ -208,6 +210,11 @@ class Manager:
     @property
     def state_dir(self) -> pathlib.Path:
         return self._store.state_dir
+
+    @property
+    def mounts_dir(self) -> pathlib.Path:
+        """Where `Ref.mount` mounts (see `pyctrd_cache.mountpoints`)."""
+        return self._store.state_dir / "mounts"
 
     @property
     def manager_id(self) -> str:
@@ -272,14 +279,33 @@ class Manager:
         for future in list(self._background):
             future.result()
 
-    def _is_lazy(self, rec: _Record) -> bool:
-        if not rec.md.blob_only or not rec.md.blob:
+    # Laziness has two halves: a record's blob may be absent from the content store (what
+    # remotes, exports and pushes need), and its snapshot may not be made yet (what mounts
+    # need). A record that shares another's extracted snapshot can lack only its blob.
+
+    def _blob_missing(self, rec: _Record) -> bool:
+        """Whether the record has a blob that is not in the content store."""
+        if not rec.md.blob:
             return False
         try:
             self._client.content.info(rec.md.blob)
         except NotFoundError:
             return True
-        return remote_snapshots.is_remote(self._client, self.snapshotter, rec.md.snapshot_id)
+        return False
+
+    def _is_lazy(self, rec: _Record) -> bool:
+        """Either half: the blob is absent, or the snapshot is a remote one."""
+        if self._blob_missing(rec):
+            return True
+        return (
+            rec.md.blob_only
+            and bool(rec.md.blob)
+            and remote_snapshots.is_remote(self._client, self.snapshotter, rec.md.snapshot_id)
+        )
+
+    def _snapshot_lazy(self, rec: _Record) -> bool:
+        """The snapshot half: the snapshot is not made, and making it needs the blob."""
+        return rec.md.blob_only and self._is_lazy(rec)
 
     # Reconciliation.
 

@@ -13,7 +13,6 @@ import contextlib
 import os
 import pathlib
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from .client import Descriptor, Mount
 from .compression import Compression
 from .errors import CacheError, InvalidError, NotFoundError
 from .metadata import RecordMeta
+from .mountpoints import new_mount_point, unmount
 from .mounts import readonly_mounts
 from .remote import DescHandlers, Remote
 from .remote_snapshots import Session, remote_labels
@@ -385,12 +385,14 @@ class Ref:
 
     @contextlib.contextmanager
     def mount(self, readonly: bool = True, *, session: Session = ()) -> Iterator[pathlib.Path]:
-        """Mounts the record on a temporary directory, unmounted (and removed) on exit.
+        """Mounts the record on a new directory under the state directory, unmounted (and
+        removed) on exit; if the process dies first, the next `Manager.open` on the state
+        directory does that (`pyctrd_cache.mountpoints`).
 
         Needs the privilege to mount (root, or CAP_SYS_ADMIN).
         """
         mounts = self.mounts(readonly, session=session)
-        target = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-mount-"))
+        target = new_mount_point(self._rec.cm.mounts_dir)
         mounted: list[pathlib.Path] = []
         try:
             for m in mounts:
@@ -399,7 +401,7 @@ class Ref:
             yield target
         finally:
             for path in reversed(mounted):
-                _unmount(path)
+                unmount(path)
             target.rmdir()
 
     def info(self) -> RefInfo:
@@ -536,8 +538,17 @@ class ImmutableRef(Ref):
     def set_blob(self, desc: Descriptor) -> None:
         """Associates a blob already in the content store with the record (its compression
         from the media type) and computes the chain ids; nothing changes when the record
-        already has a blob."""
+        already has a blob. `InvalidError`, before anything is written, when the parent has
+        no blob (and so no chain ids to extend)."""
         self._check()
+        parent = self._rec.parent
+        if parent is not None:
+            with parent._rec.mu:
+                pmd = parent._rec.md
+                if not (pmd.chain_id and pmd.blob_chain_id):
+                    raise InvalidError(
+                        f"cannot set the blob of {self.id}: its parent {pmd.id} has no blob"
+                    )
         blobs.set_blob(self._rec, desc)
         blobs.set_chains(self._rec)
 
@@ -611,10 +622,3 @@ def _mount_one(m: Mount, target: pathlib.Path) -> None:
         if os.geteuid() != 0:
             reason = f"mounting needs root or CAP_SYS_ADMIN ({reason})"
         raise CacheError(f"cannot mount {m.type} {m.source} on {target}: {reason}")
-
-
-def _unmount(target: pathlib.Path) -> None:
-    result = subprocess.run(["umount", str(target)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        # A busy mount is detached now and freed when its last user goes.
-        subprocess.run(["umount", "--lazy", str(target)], capture_output=True, check=False)
