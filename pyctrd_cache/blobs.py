@@ -16,6 +16,7 @@ import hashlib
 import io
 import queue
 import re
+import tarfile
 import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
 from . import _validate, remote_snapshots
 from ._streams import ChunkReader, ChunkWriter
-from .client import Client, ContentWriter, Descriptor, LeaseResource
+from .client import Client, ContentWriter, Descriptor, LeaseResource, Mount
 from .compression import (
     OCI_LAYER,
     Compression,
@@ -40,6 +41,7 @@ from .compression import (
 from .errors import (
     AlreadyExistsError,
     CacheError,
+    ContainerdError,
     InvalidError,
     NeedsRemoteProvidersError,
     NoBlobsError,
@@ -564,7 +566,7 @@ def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
     parent = rec.parent._rec.md.snapshot_id if rec.parent is not None else ""
     mounts = sn.prepare(key, parent)
     try:
-        applied = leased.diff.apply(desc, mounts)
+        applied = apply_checked(cm, leased, desc, mounts)
         if applied.digest != rec.md.diff_id:
             raise InvalidError(
                 f"layer {desc.digest} unpacks to {applied.digest}, not to its diff id "
@@ -913,8 +915,58 @@ def apply_layer(
             desc = _write_layer(cm, leased, layer, media_type)
         with rec.mu:
             mounts = leased.snapshots(cm.snapshotter).mounts(rec.md.snapshot_id)
-            leased.diff.apply(desc, mounts)
+            apply_checked(cm, leased, desc, mounts)
             rec.invalidate_size()
+
+
+def apply_checked(cm: Manager, leased: Client, desc: Descriptor, mounts: list[Mount]) -> Descriptor:
+    """Applies a layer with containerd's diff service; what it applied.
+
+    containerd refuses a member whose path goes through a symbolic link that resolves, inside
+    the snapshot, back into itself (`etc -> /etc` followed by `etc/passwd`), or a hard link
+    through one, with a bare "too many links": that refusal becomes an `InvalidError` naming
+    the member, the same for imports and for extractions of pulled layers.
+    """
+    try:
+        return leased.diff.apply(desc, mounts)
+    except ContainerdError as err:
+        if "too many links" not in str(err):
+            raise
+        culprit = _member_through_symlink(cm, desc)
+        raise InvalidError(
+            f"layer {desc.digest} cannot be applied: "
+            + (culprit or "a member goes through a symbolic link of a lower layer")
+            + " that loops inside the snapshot (containerd: too many links)"
+        ) from err
+
+
+def _member_through_symlink(cm: Manager, desc: Descriptor) -> str:
+    """Names the first member of the layer whose path, or hard link target, goes through a
+    symbolic link the layer itself made; "" when there is none."""
+    links: dict[str, str] = {}
+    chunks = decompressed_chunks(
+        cm._client.content.read(desc.digest), compression_of(desc.media_type)
+    )
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), _CHUNK), mode="r|") as tar:
+        for member in tar:
+            name = member.name.strip("/")
+            paths = [name] + ([member.linkname.strip("/")] if member.islnk() else [])
+            for path in paths:
+                parts = path.split("/")
+                through = next(
+                    (p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in links),
+                    None,
+                )
+                if through is not None:
+                    what = f"member {member.name!r}"
+                    if path != name:
+                        what = f"hard link {member.name!r} (to {member.linkname!r})"
+                    return (
+                        f"{what} goes through the symbolic link {through!r} -> {links[through]!r}"
+                    )
+            if member.issym():
+                links[name] = member.linkname
+    return ""
 
 
 def _write_layer(

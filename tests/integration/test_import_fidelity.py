@@ -1,17 +1,21 @@
-"""Directory import keeps extended attributes: file capabilities, `user.*` and POSIX ACLs
-(issue 15)."""
+"""Directory import keeps extended attributes: file capabilities, `user.*` and POSIX ACLs;
+import and extraction name the member containerd refuses (issue 15)."""
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pathlib
 import struct
+import tarfile
 
 import pytest
 
+from pyctrd_cache import DescHandler, Descriptor, InvalidError, PrunePolicy
 from pyctrd_cache.oci import import_path
 from tests.fix_containerd import Managers
+from tests.layers import TAR, BytesProvider, digest_of
 
 # VFS_CAP_REVISION_2, CAP_NET_RAW (13) permitted and effective: what `setcap cap_net_raw+ep`
 # writes (ping's capability).
@@ -65,3 +69,53 @@ def test_import_of_a_directory_keeps_xattrs(managers: Managers, tmp_path: pathli
     with import_path(cm, src) as ref, ref.mount() as root:
         got = {p: _xattrs(root / p) for p in wanted}
     assert got == wanted
+
+
+def _tar(*members: tuple[str, bytes, str]) -> bytes:
+    """A tar of (name, type, link target or data) members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.REGTYPE:
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value.encode()))
+            else:
+                info.linkname = value
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+HOSTILE = {
+    "member": (
+        _tar(("etc", tarfile.SYMTYPE, "/etc"), ("etc/passwd", tarfile.REGTYPE, "root::0:0")),
+        r"member 'etc/passwd' goes through the symbolic link 'etc' -> '/etc'",
+    ),
+    "hard link": (
+        _tar(("etc", tarfile.SYMTYPE, "../../etc"), ("pw", tarfile.LNKTYPE, "etc/passwd")),
+        r"hard link 'pw' \(to 'etc/passwd'\) goes through the symbolic link 'etc'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_import_and_extract_judge_a_looping_member_alike(
+    managers: Managers, tmp_path: pathlib.Path, case: str
+) -> None:
+    tar, named = HOSTILE[case]
+    cm = managers.open()
+    path = tmp_path / "hostile.tar"
+    path.write_bytes(tar)
+    with pytest.raises(InvalidError, match=named):
+        import_path(cm, path)
+
+    desc = Descriptor(TAR, digest_of(tar), len(tar), {"containerd.io/uncompressed": digest_of(tar)})
+    handlers = {desc.digest: DescHandler(BytesProvider(tar))}
+    with (
+        cm.get_by_blob(desc, desc_handlers=handlers) as ref,
+        pytest.raises(InvalidError, match=named),
+    ):
+        ref.extract()
+    assert cm.prune(PrunePolicy(all=True)) != []
+    assert cm.disk_usage() == []
