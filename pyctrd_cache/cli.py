@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 from ._progress import human_duration, human_size, progress_bar
 from ._units import parse_duration
+from .blobs import compression_of
 from .client import DEFAULT_ADDRESS, Client, validate_namespace
 from .compression import Compression
 from .embedded import EmbeddedContainerd
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         help="convert layers whose blobs use another compression",
     )
     export.add_argument("--tag", metavar="T")
+    _format_option(export)
 
     push = commands.add_parser(
         "push",
@@ -208,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
         help="convert layers whose blobs use another compression",
     )
     _insecure_option(push)
+    _format_option(push)
 
     pull = commands.add_parser(
         "pull",
@@ -622,9 +625,40 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
                     insecure=args.insecure,
                     progress=progress,
                 )
+            # The same request serves the same layers again, without converting anything.
+            layers = ref.get_remote(
+                compression=compression, force_compression=args.force_compression
+            ).descriptors
         finally:
             ref.release()
+    written = [compression_of(d.media_type, d.annotations) for d in layers]
+    if args.format == "json":
+        # The layers' compressions say what a note says on a terminal.
+        _print_json(
+            {
+                "manifest": manifest.digest,
+                "layers": [
+                    {
+                        "digest": d.digest,
+                        "media_type": d.media_type,
+                        "size": d.size,
+                        "compression": c.value,
+                    }
+                    for d, c in zip(layers, written, strict=True)
+                ],
+            }
+        )
+        return 0
     print(manifest.digest)
+    other = [c for c in written if c is not compression]
+    if other:
+        # Without --force-compression a layer keeps the blob it has (BuildKit's rule).
+        kinds = ", ".join(sorted({c.value for c in other}))
+        print(
+            f"{PROG}: note: {len(other)} of {len(written)} layers are {kinds}, not "
+            f"{compression.value} (existing blobs are reused; --force-compression converts)",
+            file=sys.stderr,
+        )
     return 0
 
 
