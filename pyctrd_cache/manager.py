@@ -1028,7 +1028,7 @@ class Manager:
 
         with self._mu:
             records = list(self._records.values())
-        # Next to remove last.
+        # The next record to remove is the last of the list.
         candidates = [rec for rec in records if prunable(rec)]
         queued = {rec.id for rec in candidates}
         if ranked:
@@ -1064,9 +1064,12 @@ class Manager:
         and `_remove_unused` checks again before it removes.
         """
         with rec.mu:
-            if _shares_data_with_listed_twin(rec) or rec.is_dead() or gone.holds(rec):
-                return False
-            if rec.id in gone.ids:
+            if (
+                _shares_data_with_listed_twin(rec)
+                or rec.is_dead()
+                or rec.id in gone.ids
+                or gone.holds(rec)
+            ):
                 return False
             if (
                 cut_off is not None
