@@ -23,19 +23,21 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from . import filters
 from ._progress import human_duration, human_size, progress_bar
+from ._units import parse_duration
 from ._version import __version__
+from .blobs import compression_of
 from .client import DEFAULT_ADDRESS, Client, validate_namespace
 from .compression import Compression
 from .embedded import EmbeddedContainerd
 from .errors import CacheError, UnavailableError
 from .manager import DEFAULT_NAMESPACE, Manager, default_state_dir
 from .types import CachePolicy, PrunePolicy, UsageInfo
+from .usage_filters import FIELDS, compile_filters
 
 if TYPE_CHECKING:
     from .refs import ImmutableRef
@@ -74,44 +76,6 @@ def parse_size(text: str) -> int:
     power = _SIZE_PREFIXES.index(m["prefix"].lower()) + 1 if m["prefix"] else 0
     base = 1024 if m["binary"] else 1000
     return int(Decimal(m["number"]) * base**power)
-
-
-_DURATION_UNITS: Final = {
-    "ns": Decimal("1e-9"),
-    "us": Decimal("1e-6"),
-    "µs": Decimal("1e-6"),
-    "ms": Decimal("1e-3"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
-    "d": Decimal(86400),
-    "w": Decimal(7 * 86400),
-}
-_DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d|w)")
-_DURATION_RE: Final = re.compile(f"(?:{_DURATION_PART_RE.pattern})+")
-
-
-def parse_duration(text: str) -> timedelta:
-    """A duration in Go's notation plus days and weeks: `48h`, `30m`, `90s`, `1h30m`, `2d`,
-    `1.5h`, `1w`; units are lowercase; a bare `0` is zero.
-
-    `ValueError` on anything else.
-    """
-    if text == "0":
-        return timedelta(0)
-    if _DURATION_RE.fullmatch(text) is None:
-        raise ValueError(
-            f"invalid duration {text!r} (expected e.g. 48h, 30m, 90s, 1h30m, 2d; "
-            "units ns, us, ms, s, m, h, d, w)"
-        )
-    seconds = sum(
-        (Decimal(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART_RE.findall(text)),
-        Decimal(0),
-    )
-    try:
-        return timedelta(seconds=float(seconds))
-    except OverflowError:
-        raise ValueError(f"invalid duration {text!r} (too long)") from None
 
 
 def _argument_type(parse: Callable[[str], object]) -> Callable[[str], object]:
@@ -196,7 +160,12 @@ def _parser() -> argparse.ArgumentParser:
         help="remove least recently used records only until the total fits "
         "(e.g. 10GB, 512MiB; decimal and binary units)",
     )
-    _filter_option(prune)
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be removed and the space it would free, removing nothing",
+    )
+    _filter_option(prune, prune=True)
     _format_option(prune)
 
     commands.add_parser("ls", help="one line per record: id, size (- if not measured yet), use")
@@ -225,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         help="convert layers whose blobs use another compression",
     )
     export.add_argument("--tag", metavar="T")
+    _format_option(export)
 
     push = commands.add_parser(
         "push",
@@ -242,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
         help="convert layers whose blobs use another compression",
     )
     _insecure_option(push)
+    _format_option(push)
 
     pull = commands.add_parser(
         "pull",
@@ -287,13 +258,14 @@ def _format_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table")
 
 
-def _filter_option(parser: argparse.ArgumentParser) -> None:
+def _filter_option(parser: argparse.ArgumentParser, *, prune: bool = False) -> None:
     parser.add_argument(
         "--filter",
         action="append",
         metavar="F",
-        help="containerd filter (id, parents, description, inuse, mutable, immutable, type, "
-        "shared, private); clauses joined by ',' are ANDed, repeated filters are ORed",
+        help=f"containerd filter on {', '.join(FIELDS)} (unknown fields are refused); "
+        "clauses joined by ',' are ANDed, repeated filters are ORed"
+        + ("; prune also takes until=DURATION, keeping records used within it" if prune else ""),
     )
 
 
@@ -508,7 +480,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _du(args: argparse.Namespace) -> int:
     filter_strings = args.filter or []
-    filters.parse_all(*filter_strings)
+    compile_filters(filter_strings)
     with _manager(args) as cm:
         usage = sorted(
             cm.disk_usage(filters=filter_strings), key=lambda u: _by_creation(u.created_at, u.id)
@@ -544,7 +516,7 @@ def _du(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     """Lists the removed records in the order they went (children before parents)."""
     filter_strings = args.filter or []
-    filters.parse_all(*filter_strings)
+    compile_filters(filter_strings, prune=True)
     policy = PrunePolicy(
         filters=tuple(filter_strings),
         all=args.all,
@@ -562,12 +534,16 @@ def _prune(args: argparse.Namespace) -> int:
         print(_table_row(info), flush=True)
 
     with _manager(args) as cm:
-        removed = cm.prune(policy, on_removed=show if table else None)
+        removed = cm.prune(policy, on_removed=show if table else None, dry_run=args.dry_run)
     total = sum(u.size for u in removed if u.size > 0)
     if table:
-        print(_key_value("Total", human_size(total)))
+        label = "Would free" if args.dry_run else "Total"
+        print(_key_value(label, human_size(total)))
     else:
-        _print_json({"removed": [_usage_json(u) for u in removed], "total": total})
+        document: dict[str, object] = {"removed": [_usage_json(u) for u in removed], "total": total}
+        if args.dry_run:
+            document["dry_run"] = True
+        _print_json(document)
     return 0
 
 
@@ -651,9 +627,40 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
                     insecure=args.insecure,
                     progress=progress,
                 )
+            # The same request serves the same layers again, without converting anything.
+            layers = ref.get_remote(
+                compression=compression, force_compression=args.force_compression
+            ).descriptors
         finally:
             ref.release()
+    written = [compression_of(d.media_type, d.annotations) for d in layers]
+    if args.format == "json":
+        # The layers' compressions say what a note says on a terminal.
+        _print_json(
+            {
+                "manifest": manifest.digest,
+                "layers": [
+                    {
+                        "digest": d.digest,
+                        "media_type": d.media_type,
+                        "size": d.size,
+                        "compression": c.value,
+                    }
+                    for d, c in zip(layers, written, strict=True)
+                ],
+            }
+        )
+        return 0
     print(manifest.digest)
+    other = [c for c in written if c is not compression]
+    if other:
+        # Without --force-compression a layer keeps the blob it has (BuildKit's rule).
+        kinds = ", ".join(sorted({c.value for c in other}))
+        print(
+            f"{PROG}: note: {len(other)} of {len(written)} layers are {kinds}, not "
+            f"{compression.value} (existing blobs are reused; --force-compression converts)",
+            file=sys.stderr,
+        )
     return 0
 
 

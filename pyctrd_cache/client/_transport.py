@@ -123,6 +123,7 @@ class Transport:
         retry_budget: float,
         lease: str = "",
         channel: grpc.Channel | None = None,
+        closed: threading.Event | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.namespace = validate_namespace(namespace)
@@ -142,6 +143,8 @@ class Transport:
         )
         self._callables: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # Shared by the copies, like the channel.
+        self._closed = closed or threading.Event()
         headers = [(NAMESPACE_HEADER, self.namespace)]
         if lease:
             headers.append((LEASE_HEADER, lease))
@@ -157,10 +160,26 @@ class Transport:
             retry_budget=self.retry_budget,
             lease=lease,
             channel=self._channel,
+            closed=self._closed,
         )
 
     def close(self) -> None:
+        self._closed.set()
         self._channel.close()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise InvalidError(f"the client of containerd at {self.socket_path} is closed")
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Starts a call; one that meets the channel closed raises the project's error."""
+        self._check_open()
+        try:
+            return fn(*args, **kwargs)
+        except ValueError:
+            # grpc's "Cannot invoke RPC on closed channel!"
+            self._check_open()
+            raise
 
     def _callable(self, kind: str, path: str, response_type: type[Message]) -> Any:
         with self._lock:
@@ -216,7 +235,7 @@ class Transport:
             for attempt in self.retrying():
                 with attempt:
                     try:
-                        result: R = fn(request, timeout=timeout, metadata=self.metadata)
+                        result: R = self._call(fn, request, timeout=timeout, metadata=self.metadata)
                         return result
                     except grpc.RpcError as err:
                         retried = attempt.retry_state.attempt_number > 1
@@ -237,7 +256,7 @@ class Transport:
         rpc = f"{service.rsplit('.', 1)[-1]}.{method}"
         fn = self._callable("unary_stream", f"/{service}/{method}", response_type)
         timeout = self.long_timeout if long else self.timeout
-        responses = fn(request, timeout=timeout, metadata=self.metadata)
+        responses = self._call(fn, request, timeout=timeout, metadata=self.metadata)
         try:
             yield from responses
         except grpc.RpcError as err:
@@ -268,7 +287,7 @@ class Transport:
         """Opens a bidirectional stream: its replies (errors mapped) and a cancel function."""
         rpc = f"{service.rsplit('.', 1)[-1]}.{method}"
         fn = self._callable("stream_stream", f"/{service}/{method}", response_type)
-        call = fn(requests, timeout=self.long_timeout, metadata=self.metadata)
+        call = self._call(fn, requests, timeout=self.long_timeout, metadata=self.metadata)
 
         def replies() -> Iterator[R]:
             try:
