@@ -7,8 +7,8 @@ default host. Requests go over HTTPS, or plain HTTP with `insecure=True` (loopba
 only). Access follows the registry's `WWW-Authenticate` challenge: Basic with the
 credentials, or a Bearer token from the challenge's realm (anonymous, or with the
 credentials: an OAuth2 POST first, the GET form when the token server has no POST).
-Credentials not given come from the Docker config file (`$DOCKER_CONFIG/config.json`, else
-`~/.docker/config.json`, its `auths` entries).
+Credentials not given come from the files and credential helpers Docker and podman use
+(`pyctrd_cache.credentials`).
 Connection errors and 5xx answers are retried within a bounded budget.
 """
 
@@ -19,8 +19,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
-import pathlib
 import re
 import threading
 import weakref
@@ -34,6 +32,7 @@ import tenacity
 from .blobs import DISTRIBUTION_SOURCE_PREFIX
 from .client import Descriptor
 from .compression import Compression, parse_digest
+from .credentials import Credentials, find_credentials
 from .errors import AuthError, CacheError, InvalidError, NotFoundError, UnavailableError
 from .manager import Manager
 from .oci import (
@@ -118,55 +117,6 @@ def parse_reference(text: str) -> Reference:
     return Reference(m["host"], m["repository"], m["tag"], digest)
 
 
-# Credentials.
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and password, or an identity token (an OAuth2 refresh token)."""
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-
-    def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r})"
-
-
-def docker_config_credentials(host: str) -> Credentials | None:
-    """The `auths` entry for `host` in the Docker config file, if any."""
-    directory = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    path = pathlib.Path(directory) / "config.json"
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise InvalidError(f"cannot read the Docker config {path}: {err}") from None
-    auths = document.get("auths") if isinstance(document, Mapping) else None
-    if not isinstance(auths, Mapping):
-        return None
-    for key, entry in auths.items():
-        if not isinstance(entry, Mapping) or _config_host(str(key)) != host:
-            continue
-        username = str(entry.get("username") or "")
-        password = str(entry.get("password") or "")
-        if encoded := entry.get("auth"):
-            try:
-                username, _, password = base64.b64decode(str(encoded)).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidError(f"the auth of {key!r} in {path} is not base64") from None
-        token = str(entry.get("identitytoken") or "")
-        if username or password or token:
-            return Credentials(username, password, token)
-    return None
-
-
-def _config_host(key: str) -> str:
-    """`https://host:5000/v1/` and `host:5000` both give `host:5000`."""
-    return key.split("://", 1)[-1].split("/", 1)[0]
-
-
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     """The scheme (lower case) and parameters of a `WWW-Authenticate` header."""
     scheme, _, rest = header.strip().partition(" ")
@@ -200,7 +150,7 @@ class _Session:
             raise InvalidError(f"{ref}: plain HTTP (insecure) is allowed only on loopback hosts")
         self.ref = ref
         self.base = f"{'http' if insecure else 'https'}://{ref.host}"
-        self._auth = auth if auth is not None else docker_config_credentials(ref.host)
+        self._auth = auth if auth is not None else find_credentials(ref.host)
         self._http = httpx.Client(timeout=_TIMEOUT, follow_redirects=False)
         self._finalizer = weakref.finalize(self, self._http.close)
         self._mu = threading.Lock()
