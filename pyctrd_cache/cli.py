@@ -347,6 +347,19 @@ def _insecure_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure", action="store_true", help="plain HTTP to a registry on a loopback host"
     )
+    parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="plain HTTP to the registry named, on any host (e.g. a CI job's service "
+        "container); credentials then cross the network in clear",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=pathlib.Path,
+        metavar="PEM",
+        help="certificate authorities to trust besides the system's (default: the system's "
+        "trust store only)",
+    )
 
 
 OCI_LAYOUT_PREFIX: Final = "oci-layout:"
@@ -808,6 +821,8 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
                     compression=compression,
                     force_compression=args.force_compression,
                     insecure=args.insecure,
+                    plain_http=args.plain_http,
+                    ca_file=args.ca_file,
                     progress=progress,
                 )
         finally:
@@ -825,7 +840,13 @@ def _pull(args: argparse.Namespace) -> int:
             ref = oci.pull_layout(cm, *layout, extract=args.extract, progress=progress)
         else:
             ref = registry.pull(
-                cm, args.layout, insecure=args.insecure, extract=args.extract, progress=progress
+                cm,
+                args.layout,
+                insecure=args.insecure,
+                plain_http=args.plain_http,
+                ca_file=args.ca_file,
+                extract=args.extract,
+                progress=progress,
             )
         record_id = ref.id
         ref.release()

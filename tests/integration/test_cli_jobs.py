@@ -31,6 +31,7 @@ from tests.registry_fix import (
     USER,
     Registry,
     ScriptedRegistry,
+    TLSRegistry,
     _containerd_binary,
 )
 
@@ -540,3 +541,31 @@ def test_push_with_credentials_from_podmans_auth_file(
     env["REGISTRY_AUTH_FILE"] = str(auth_file)
     pushed = run_env(env, *base)
     assert pushed.returncode == 0, pushed.stderr
+
+
+# TLS: the system's trust store, an extra CA file, plain HTTP for a host the user names.
+
+
+def test_https_registry_needs_its_ca_unless_the_system_trusts_it(
+    cli: Cli, tree: pathlib.Path, tls_registry: TLSRegistry
+) -> None:
+    record = cli.ok("import", str(tree)).strip()
+    target = tls_registry.registry.ref("team/tls:1")
+    refused = cli("push", record, target)
+    one_line_error(refused, "CERTIFICATE_VERIFY_FAILED")
+    pushed = cli("push", record, target, "--ca-file", str(tls_registry.ca_file))
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.startswith("sha256:")
+    one_line_error(cli("push", record, target, "--ca-file", str(tree / "etc" / "hello")), "CA file")
+
+
+def test_plain_http_only_for_a_host_the_user_names(
+    cli: Cli, tree: pathlib.Path, elsewhere_registry: Registry
+) -> None:
+    record = cli.ok("import", str(tree)).strip()
+    target = elsewhere_registry.ref("team/plain:1")
+    one_line_error(cli("push", record, target, "--insecure"), "only on loopback hosts")
+    pushed = cli("push", record, target, "--plain-http")
+    assert pushed.returncode == 0, pushed.stderr
+    pulled = cli("pull", target, "--plain-http")
+    assert pulled.returncode == 0, pulled.stderr
