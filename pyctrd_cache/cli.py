@@ -274,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("-q", "--quiet", action="store_true", help="ids only")
     _format_option(ls)
     inspect = commands.add_parser("inspect", help="one record's metadata")
-    inspect.add_argument("id", metavar="ID")
+    inspect.add_argument("id", metavar="ID", help="the record's id")
     inspect.add_argument(
         "--format", choices=["table", "json"], default="json", help="(default: %(default)s)"
     )
@@ -282,36 +282,40 @@ def _parser() -> argparse.ArgumentParser:
     import_ = commands.add_parser(
         "import", help="a directory or a tar (plain, gzip, zstd) becomes a committed record"
     )
-    import_.add_argument("path", type=pathlib.Path, metavar="PATH")
+    import_.add_argument(
+        "path", type=pathlib.Path, metavar="PATH", help="a directory, or a tar (plain, gzip, zstd)"
+    )
     import_.add_argument("--parent", metavar="ID", help="the record to build on")
-    import_.add_argument("--description", metavar="D")
+    import_.add_argument("--description", metavar="D", help="the record's description")
     import_.add_argument(
         "--retain", action="store_true", help="cache policy RETAIN instead of DEFAULT"
     )
 
     export = commands.add_parser("export", help="write a record's chain as an OCI image layout")
-    export.add_argument("id", metavar="ID")
-    export.add_argument("--oci-layout", type=pathlib.Path, required=True, metavar="DIR")
+    export.add_argument("id", metavar="ID", help="the top record of the chain")
     export.add_argument(
-        "--compression", choices=[c.value for c in Compression], default=Compression.GZIP.value
+        "--oci-layout",
+        type=pathlib.Path,
+        required=True,
+        metavar="DIR",
+        help="the layout to write, created if missing; other tags in it are kept",
     )
+    _compression_option(export)
     export.add_argument(
         "--force-compression",
         action="store_true",
         help="convert layers whose blobs use another compression",
     )
-    export.add_argument("--tag", metavar="T")
+    export.add_argument("--tag", metavar="T", help="the tag to write (default: latest)")
 
     push = commands.add_parser(
         "push",
         help="push a record's chain as an image to a registry or an OCI layout; "
         "prints the manifest digest",
     )
-    push.add_argument("id", metavar="ID")
+    push.add_argument("id", metavar="ID", help="the top record of the chain")
     push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPO[:TAG] or oci-layout:DIR[:TAG]")
-    push.add_argument(
-        "--compression", choices=[c.value for c in Compression], default=Compression.GZIP.value
-    )
+    _compression_option(push)
     push.add_argument(
         "--force-compression",
         action="store_true",
@@ -339,8 +343,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints a completion script; e.g. for bash: "
         "pyctrd-cache completion bash > /etc/bash_completion.d/pyctrd-cache",
     )
-    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")
     return parser
+
+
+def _compression_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compression",
+        choices=[c.value for c in Compression],
+        default=Compression.GZIP.value,
+        help="the layers' compression; without --force-compression a blob already made in "
+        "another one is used as it is (default: %(default)s)",
+    )
 
 
 def _insecure_option(parser: argparse.ArgumentParser) -> None:
