@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import queue
 import re
 import tarfile
@@ -75,6 +76,8 @@ _CHUNK: Final = 1 << 20
 _REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
@@ -709,6 +712,7 @@ def _create_blob(
         except UnimplementedError:
             if compression is not Compression.ZSTD:
                 raise
+            log.info("containerd cannot write zstd; making the blob of %s in gzip", rec.id)
             made_other = True
             media_type = media_type_for(Compression.GZIP)
             desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
@@ -744,6 +748,7 @@ def ensure_compression(
         unlazy(rec, desc, dhs.get(desc.digest))
         variant = convert(cm, leased, desc, compression, rec.md.diff_id)
         add_compression_blob(rec, variant, compression)
+        log.debug("made the %s variant %s of %s", compression.value, variant.digest, desc.digest)
 
     cm._flight.do(f"compress-{rec.id}-{compression.value}", ensure)
 

@@ -53,9 +53,14 @@ OWNER_LABEL: Final = "pyctrd-cache/manager"
 KIND_LABEL: Final = "pyctrd-cache/kind"
 DEFAULT_NAMESPACE: Final = "pyctrd"
 
+log = logging.getLogger(__name__)
+
 
 def default_state_dir() -> pathlib.Path:
-    """`$XDG_STATE_HOME/pyctrd-cache`, else `~/.local/state/pyctrd-cache`."""
+    """`$PYCTRD_CACHE_STATE_DIR`, else `$XDG_STATE_HOME/pyctrd-cache`, else
+    `~/.local/state/pyctrd-cache`."""
+    if explicit := os.environ.get("PYCTRD_CACHE_STATE_DIR"):
+        return pathlib.Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return pathlib.Path(base) / "pyctrd-cache"
 
@@ -127,6 +132,7 @@ class Manager:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
         self._background: set[Future[None]] = set()
         self._closed = False
+        self._containerd_version = ""
 
     # Opening and closing.
 
@@ -136,13 +142,23 @@ class Manager:
         address: str | None = None,
         *,
         namespace: str | None = None,
-        snapshotter: str = "overlayfs",
+        snapshotter: str | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         shared_checker: SharedCheckerFactory | None = None,
         repair: bool = False,
+        lock_timeout: float = 0.0,
     ) -> Manager:
         """Connects, checks the snapshotter, opens the metadata store and reconciles it with
-        containerd (see `_reconcile`).
+        containerd.
+
+        Each of `address`, `namespace`, `snapshotter` and `state_dir` left out is taken from
+        `$CONTAINERD_ADDRESS`, `$CONTAINERD_NAMESPACE`, `$CONTAINERD_SNAPSHOTTER` and
+        `$PYCTRD_CACHE_STATE_DIR`, else the defaults (`/run/containerd/containerd.sock`,
+        `pyctrd`, `overlayfs`, `default_state_dir()`).
+
+        One manager at a time uses a state directory. While another (in any process) has it
+        open, this call waits up to `lock_timeout` seconds for it, logging once who holds it
+        (process id and command), then raises `LockedError` naming the holder.
 
         `shared_checker` makes the checker `disk_usage` and `prune` ask which records are
         shared; by default, those whose chain of blobs an image in the namespace's image
@@ -156,16 +172,20 @@ class Manager:
         """
         address = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
         namespace = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
+        snapshotter = snapshotter or os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs"
         client = Client(address, namespace=namespace)
         try:
-            client.check(snapshotter=snapshotter)
+            version = client.check(snapshotter=snapshotter)
             store = MetadataStore(
-                state_dir if state_dir is not None else default_state_dir(), repair=repair
+                state_dir if state_dir is not None else default_state_dir(),
+                repair=repair,
+                lock_timeout=lock_timeout,
             )
         except BaseException:
             client.close()
             raise
         manager = cls(client, store, snapshotter, shared_checker)
+        manager._containerd_version = version.version
         try:
             manager._reconcile(repair=repair)
             for path in mountpoints.clean_stale(manager.mounts_dir):
@@ -202,6 +222,16 @@ class Manager:
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidError("the cache manager is closed")
+
+    @property
+    def address(self) -> str:
+        """The containerd socket the manager talks to."""
+        return self._client.address
+
+    @property
+    def containerd_version(self) -> str:
+        """The version the daemon reported when the manager opened (e.g. `1.7.24`)."""
+        return self._containerd_version
 
     @property
     def namespace(self) -> str:
@@ -352,6 +382,7 @@ class Manager:
                 and snapshots.get(md.id) is SnapshotKind.COMMITTED
             ):
                 # A finalize committed the snapshot, then stopped before its row changed.
+                log.info("reconcile: finishing the interrupted finalize of record %s", md.id)
                 md.equal_mutable = ""
                 md.snapshot_id = md.id
                 changed = [md]
@@ -370,6 +401,7 @@ class Manager:
 
         for md in list(rows.values()):
             if md.deleted:
+                log.info("reconcile: finishing the interrupted removal of record %s", md.id)
                 with contextlib.suppress(NotFoundError):
                     self._client.leases.delete(md.id)
                 self._store.delete(md.id)
@@ -401,6 +433,9 @@ class Manager:
 
         dropped = [record_id for record_id in rows if not is_valid(record_id)]
         for record_id in dropped:
+            log.warning(
+                "reconcile: dropping record %s, whose containerd objects are gone", record_id
+            )
             if record_id in leases:
                 with contextlib.suppress(NotFoundError):
                     self._client.leases.delete(record_id)
@@ -411,6 +446,7 @@ class Manager:
             for record_id in rows:
                 self._get_record(record_id)
         for lease_id in leases - rows.keys():
+            log.info("reconcile: deleting lease %s, which no record holds", lease_id)
             self._drop_lease(lease_id)
         if owned_ids - rows.keys():
             # What the deleted leases held is gone before `open` returns.
@@ -982,6 +1018,7 @@ class Manager:
 
     def _collect_garbage(self) -> None:
         """Runs containerd's garbage collector and waits for it."""
+        log.debug("asking containerd to collect garbage")
         gc_lease = f"gc-{_new_id()}"
         self._client.leases.create(gc_lease, labels=self._lease_labels("gc"))
         self._client.leases.delete(gc_lease, sync=True)

@@ -8,7 +8,12 @@ becomes "change the in-memory row, then `save` it"). The database runs in WAL mo
 failure the cache must survive (a power loss may lose the last transactions, never corrupt).
 
 The state directory is locked with `flock` while a store is open: a second store on it, in
-any process, fails with `LockedError`.
+any process, waits up to its `lock_timeout` (logging once who holds the lock: the holder
+writes its process id and command line into the lock file), then fails with `LockedError`.
+
+Before version 0.2 the command line kept its store in `STATE_DIR/cache`; opening `STATE_DIR`
+moves such a store up into it (under both locks), so that scripts and the command line see
+the same records. When both places hold a store, opening refuses rather than choose.
 
 The store's id (the manager id in the ownership label of every lease) is kept twice: in the
 database and in the file `manager-id` beside it, written once when the store is created. A
@@ -26,6 +31,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import os
 import pathlib
 import re
@@ -43,6 +49,11 @@ from .errors import CacheError, InvalidError, LockedError, NoSpaceError, StoreDa
 DB_NAME: Final = "metadata.db"
 ID_NAME: Final = "manager-id"
 LOCK_NAME: Final = "lock"
+LEGACY_SUBDIR: Final = "cache"
+_LOCK_POLL: Final = 0.1
+_STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
+
+log = logging.getLogger(__name__)
 _SQLITE_FULL: Final = 13
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 
@@ -162,20 +173,82 @@ def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
 
+def _lock_file(directory: pathlib.Path, timeout: float) -> int:
+    """The locked file descriptor of `directory`'s lock file, once the lock is free; waits up
+    to `timeout` seconds, logging once who holds it, else raises `LockedError`."""
+    path = directory / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise CacheError(f"cannot use state directory {directory}: {err.strerror}") from None
+    deadline = time.monotonic() + max(0.0, timeout)
+    logged = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            holder = _holder(fd)
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
+                raise LockedError(
+                    f"state directory {directory} is in use by another open manager "
+                    f"({holder}){waited}"
+                ) from None
+            if not logged:
+                log.warning(
+                    "state directory %s is in use (%s); waiting up to %gs for it",
+                    directory,
+                    holder,
+                    timeout,
+                )
+                logged = True
+            time.sleep(_LOCK_POLL)
+
+
+def _write_holder(fd: int) -> None:
+    """Records this process in the lock file it holds, for those who wait for it."""
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    with suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it."""
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    pid, _, command = text.partition(" ")
+    if not pid.isdigit():
+        return "holder unknown"
+    command = "".join(c if c.isprintable() else "?" for c in command)[:200]
+    return f"pid {pid}: {command}" if command else f"pid {pid}"
+
+
 class MetadataStore:
     """The records of one state directory; thread-safe, one open store per directory.
 
     `repair` moves an unreadable database aside and starts an empty one with the saved id.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, repair: bool = False) -> None:
+    def __init__(
+        self, state_dir: str | os.PathLike[str], *, repair: bool = False, lock_timeout: float = 0.0
+    ) -> None:
         self.state_dir = pathlib.Path(state_dir)
         self.path = self.state_dir / DB_NAME
         self.id_path = self.state_dir / ID_NAME
         self._mu = threading.Lock()
         self._db: sqlite3.Connection | None = None
-        self._lock_fd = self._lock_directory()
+        self._lock_fd = self._lock_directory(lock_timeout)
         try:
+            self._adopt_legacy_store(lock_timeout)
             self.manager_id = self._open(repair)
         except BaseException:
             if self._db is not None:
@@ -260,26 +333,49 @@ class MetadataStore:
             cls = NoSpaceError if err.errno == errno.ENOSPC else CacheError
             raise cls(f"cannot write the manager id file {self.id_path}: {err.strerror}") from None
 
-    def _lock_directory(self) -> int:
+    def _lock_directory(self, timeout: float) -> int:
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.state_dir, 0o700)
-            fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise CacheError(
                 f"cannot use state directory {self.state_dir}: {err.strerror}"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockedError(
-                f"state directory {self.state_dir} is in use by another open manager"
-            ) from None
+        fd = _lock_file(self.state_dir, timeout)
+        _write_holder(fd)
         return fd
+
+    def _adopt_legacy_store(self, timeout: float) -> None:
+        """Moves a store the command line kept in `STATE_DIR/cache` up into the state
+        directory, unless the state directory has one of its own (then refuses)."""
+        legacy = self.state_dir / LEGACY_SUBDIR
+        if not (legacy / DB_NAME).is_file() or legacy.is_symlink():
+            return
+        if self.path.exists():
+            raise InvalidError(
+                f"two metadata stores: {self.path} and {legacy / DB_NAME} (where versions "
+                f"before 0.2 of the command line kept theirs); move one of them elsewhere"
+            )
+        legacy_fd = _lock_file(legacy, timeout)
+        try:
+            for name in _STORE_FILES:
+                with suppress(FileNotFoundError):
+                    os.rename(legacy / name, self.state_dir / name)
+            with suppress(OSError):
+                os.unlink(legacy / LOCK_NAME)
+                legacy.rmdir()
+        except OSError as err:
+            raise CacheError(
+                f"cannot move the metadata store {legacy / DB_NAME} to {self.path}: {err.strerror}"
+            ) from None
+        finally:
+            os.close(legacy_fd)
+        log.warning("moved the metadata store %s up to %s", legacy / DB_NAME, self.path)
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
+            with suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)
             self._lock_fd = -1
 

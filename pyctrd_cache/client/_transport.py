@@ -5,6 +5,7 @@ This module and the service modules beside it are the only ones that touch grpc 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -15,7 +16,13 @@ from typing import Any, Final, TypeVar
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from ..errors import (
     AlreadyExistsError,
@@ -49,6 +56,8 @@ _CODE_CLASSES: Final[dict[grpc.StatusCode, tuple[type[CacheError], str]]] = {
     grpc.StatusCode.UNAVAILABLE: (UnavailableError, "containerd is unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (UnavailableError, "containerd did not answer in time"),
 }
+
+log = logging.getLogger(__name__)
 
 
 def map_rpc_error(err: grpc.RpcError, rpc: str) -> CacheError:
@@ -105,6 +114,14 @@ def to_datetime(ts: Timestamp) -> datetime | None:
     if ts.seconds <= 0:
         return None
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    log.debug(
+        "containerd unavailable; retrying (attempt %d, %.1fs so far)",
+        state.attempt_number,
+        state.seconds_since_start or 0.0,
+    )
 
 
 class Transport:
@@ -199,6 +216,7 @@ class Transport:
             retry=retry_if_exception_type(Transient),
             stop=stop_after_delay(self.retry_budget),
             wait=wait_exponential(multiplier=0.05, max=1.0),
+            before_sleep=_log_retry,
             reraise=True,
         )
 

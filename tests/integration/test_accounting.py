@@ -266,7 +266,7 @@ def test_a_parent_handle_and_a_linked_record_count_as_uses(managers: Managers) -
 
 
 def test_cli_prune_dry_run(daemon: Daemon, namespace: str, managers: Managers) -> None:
-    cm = managers.open(managers.state_dir / "cache")
+    cm = managers.open(managers.state_dir)
     ref = record_with(cm, MiB)
     ref_id = ref.id
     ref.release()
