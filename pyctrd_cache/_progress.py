@@ -16,7 +16,14 @@ from typing import Final, TextIO
 
 from .remote import ProgressCallback, ProgressEvent
 
-__all__ = ["ProgressBar", "human_duration", "human_size", "progress_bar"]
+__all__ = [
+    "PROGRESS_MODES",
+    "PlainProgress",
+    "ProgressBar",
+    "human_duration",
+    "human_size",
+    "progress_bar",
+]
 
 _DECIMAL_UNITS: Final = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
 _REDRAW_INTERVAL: Final = 0.1
@@ -146,11 +153,79 @@ def _final_line(blob: _Blob, event: ProgressEvent) -> str:
     return f"{blob.label}  done {human_size(done)}"
 
 
+class PlainProgress:
+    """A `ProgressEvent` callback for logs: one line per blob when it starts, at most one per
+    `interval` seconds while it moves, and one when it ends (size, time and mean rate), and
+    one per named step. Never rewrites a line. Safe to call from several threads."""
+
+    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._mu = threading.Lock()
+        self._started: dict[str, float] = {}
+        self._written_at: dict[str, float] = {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        label = short_digest(event.digest) if event.digest else event.message
+        now = time.monotonic()
+        with self._mu:
+            if event.kind == "status":
+                step = event.message.replace(event.digest, "").strip() if event.digest else ""
+                self._write(f"{label}  {step}".rstrip())
+            elif event.kind == "start":
+                self._started[event.digest] = now
+                self._written_at[event.digest] = now
+                total = f" ({human_size(event.total)})" if event.total else ""
+                self._write(f"{label}  started{total}")
+            elif event.kind == "bytes":
+                if now - self._written_at.get(event.digest, 0.0) < self._interval:
+                    return
+                self._written_at[event.digest] = now
+                started = self._started.setdefault(event.digest, now)
+                self._write(f"{label}  {_amount(event)}  {_rate(event.current, now - started)}")
+            else:
+                started = self._started.pop(event.digest, now)
+                self._written_at.pop(event.digest, None)
+                elapsed = now - started
+                if event.error is not None:
+                    self._write(f"{label}  failed after {elapsed:.1f}s: {event.error}")
+                    return
+                done = event.total or event.current
+                self._write(
+                    f"{label}  done {human_size(done)} in {elapsed:.1f}s  {_rate(done, elapsed)}"
+                )
+
+    def _write(self, line: str) -> None:
+        """Writes one line; the lock is held."""
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def _amount(event: ProgressEvent) -> str:
+    if event.total:
+        return f"{human_size(event.current)} / {human_size(event.total)}"
+    return human_size(event.current)
+
+
+def _rate(size: int, seconds: float) -> str:
+    return f"{human_size(size / seconds)}/s" if seconds > 0 else ""
+
+
+PROGRESS_MODES: Final = ("auto", "tty", "plain", "quiet")
+
+
 @contextlib.contextmanager
-def progress_bar(stream: TextIO) -> Iterator[ProgressCallback | None]:
-    """A `ProgressBar` on `stream` when it is a terminal, else None (nothing is shown)."""
-    if not stream.isatty():
+def progress_bar(stream: TextIO, mode: str = "auto") -> Iterator[ProgressCallback | None]:
+    """The progress callback of `mode`: `tty` a `ProgressBar` on `stream`, `plain` a
+    `PlainProgress` on it, `quiet` None (nothing is shown); `auto` is `tty` when `stream` is
+    a terminal, else `plain`."""
+    if mode == "auto":
+        mode = "tty" if stream.isatty() else "plain"
+    if mode == "quiet":
         yield None
+        return
+    if mode == "plain":
+        yield PlainProgress(stream)
         return
     bar = ProgressBar(stream)
     try:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import queue
 import re
+import tarfile
 import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
 from . import _validate, remote_snapshots
 from ._streams import ChunkReader, ChunkWriter
-from .client import Client, ContentWriter, Descriptor, LeaseResource
+from .client import Client, ContentWriter, Descriptor, LeaseResource, Mount
 from .compression import (
     OCI_LAYER,
     Compression,
@@ -40,6 +42,7 @@ from .compression import (
 from .errors import (
     AlreadyExistsError,
     CacheError,
+    ContainerdError,
     InvalidError,
     NeedsRemoteProvidersError,
     NoBlobsError,
@@ -73,6 +76,8 @@ _CHUNK: Final = 1 << 20
 _REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
@@ -244,7 +249,8 @@ def oci_desc(rec: _Record, dhs: DescHandlers) -> Descriptor:
 
 def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compression) -> None:
     """Records `desc` as the `compression` variant of the record's blob: held by the
-    record's lease first, then labelled on both blobs so that it is found after a restart."""
+    record's lease first, then labelled on both blobs so that it is found after a restart.
+    The caller does not hold the record lock."""
     client = rec.cm._client
     client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
     labels = {variant_label(compression): desc.digest}
@@ -255,6 +261,8 @@ def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compressio
     for key, value in filter_annotations_for_save(desc.annotations).items():
         variant[VARIANT_ANNOTATION_PREFIX + key] = value
     client.content.update_labels(desc.digest, variant)
+    with rec.mu:
+        rec.invalidate_size()  # the size counts every variant
 
 
 def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
@@ -329,9 +337,12 @@ def chain_of(ref: ImmutableRef) -> list[_Record]:
 
 
 def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
-    """The lazy blobs of `recs` that have no handler."""
+    """The blobs of `recs` whose snapshots are not made yet, are not here, and have no
+    handler."""
     cm = recs[0].cm if recs else None
-    return [r.md.blob for r in recs if cm is not None and r.md.blob not in dhs and cm._is_lazy(r)]
+    return [
+        r.md.blob for r in recs if cm is not None and r.md.blob not in dhs and cm._snapshot_lazy(r)
+    ]
 
 
 # Pulling lazy blobs.
@@ -445,7 +456,7 @@ def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
 
 def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     cm = rec.cm
-    if not cm._is_lazy(rec):
+    if not cm._blob_missing(rec):
         return
     if dh is None:
         raise NeedsRemoteProvidersError([desc.digest])
@@ -497,6 +508,7 @@ def extract(ref: ImmutableRef, session: Session = ()) -> None:
             for r in chain_of(ref)
             if r.md.blob_only
             and not remote_snapshots.is_remote(leased, cm.snapshotter, r.md.snapshot_id)
+            and not _extracted_already(r, leased)
         ]
         pulls: list[threading.Thread] = []
         errors: dict[str, BaseException] = {}
@@ -526,6 +538,24 @@ def extract(ref: ImmutableRef, session: Session = ()) -> None:
                 t.join()
 
 
+def _extracted_already(rec: _Record, leased: Client) -> bool:
+    """Whether the snapshot a blob-only record would make exists (another record of the same
+    chain made it); the record then takes it without its blob being pulled."""
+    try:
+        leased.snapshots(rec.cm.snapshotter).stat(rec.md.snapshot_id)
+    except NotFoundError:
+        return False
+    _mark_extracted(rec)
+    return True
+
+
+def _mark_extracted(rec: _Record) -> None:
+    with rec.mu:
+        rec.md.blob_only = False
+        rec.save()
+        rec.invalidate_size()
+
+
 def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
     cm = rec.cm
     sn = leased.snapshots(cm.snapshotter)
@@ -539,7 +569,7 @@ def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
     parent = rec.parent._rec.md.snapshot_id if rec.parent is not None else ""
     mounts = sn.prepare(key, parent)
     try:
-        applied = leased.diff.apply(desc, mounts)
+        applied = apply_checked(cm, leased, desc, mounts)
         if applied.digest != rec.md.diff_id:
             raise InvalidError(
                 f"layer {desc.digest} unpacks to {applied.digest}, not to its diff id "
@@ -553,10 +583,7 @@ def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
         with contextlib.suppress(CacheError):
             sn.remove(key)
         raise
-    with rec.mu:
-        rec.md.blob_only = False
-        rec.md.size = None
-        rec.save()
+    _mark_extracted(rec)
 
 
 # Creating blobs and remotes.
@@ -685,6 +712,7 @@ def _create_blob(
         except UnimplementedError:
             if compression is not Compression.ZSTD:
                 raise
+            log.info("containerd cannot write zstd; making the blob of %s in gzip", rec.id)
             made_other = True
             media_type = media_type_for(Compression.GZIP)
             desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
@@ -720,6 +748,7 @@ def ensure_compression(
         unlazy(rec, desc, dhs.get(desc.digest))
         variant = convert(cm, leased, desc, compression, rec.md.diff_id)
         add_compression_blob(rec, variant, compression)
+        log.debug("made the %s variant %s of %s", compression.value, variant.digest, desc.digest)
 
     cm._flight.do(f"compress-{rec.id}-{compression.value}", ensure)
 
@@ -891,9 +920,58 @@ def apply_layer(
             desc = _write_layer(cm, leased, layer, media_type)
         with rec.mu:
             mounts = leased.snapshots(cm.snapshotter).mounts(rec.md.snapshot_id)
-            leased.diff.apply(desc, mounts)
-            rec.md.size = None
-            rec.save()
+            apply_checked(cm, leased, desc, mounts)
+            rec.invalidate_size()
+
+
+def apply_checked(cm: Manager, leased: Client, desc: Descriptor, mounts: list[Mount]) -> Descriptor:
+    """Applies a layer with containerd's diff service; what it applied.
+
+    containerd refuses a member whose path goes through a symbolic link that resolves, inside
+    the snapshot, back into itself (`etc -> /etc` followed by `etc/passwd`), or a hard link
+    through one, with a bare "too many links": that refusal becomes an `InvalidError` naming
+    the member, the same for imports and for extractions of pulled layers.
+    """
+    try:
+        return leased.diff.apply(desc, mounts)
+    except ContainerdError as err:
+        if "too many links" not in str(err):
+            raise
+        culprit = _member_through_symlink(cm, desc)
+        raise InvalidError(
+            f"layer {desc.digest} cannot be applied: "
+            + (culprit or "a member goes through a symbolic link of a lower layer")
+            + " that loops inside the snapshot (containerd: too many links)"
+        ) from err
+
+
+def _member_through_symlink(cm: Manager, desc: Descriptor) -> str:
+    """Names the first member of the layer whose path, or hard link target, goes through a
+    symbolic link the layer itself made; "" when there is none."""
+    links: dict[str, str] = {}
+    chunks = decompressed_chunks(
+        cm._client.content.read(desc.digest), compression_of(desc.media_type)
+    )
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), _CHUNK), mode="r|") as tar:
+        for member in tar:
+            name = member.name.strip("/")
+            paths = [name] + ([member.linkname.strip("/")] if member.islnk() else [])
+            for path in paths:
+                parts = path.split("/")
+                through = next(
+                    (p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in links),
+                    None,
+                )
+                if through is not None:
+                    what = f"member {member.name!r}"
+                    if path != name:
+                        what = f"hard link {member.name!r} (to {member.linkname!r})"
+                    return (
+                        f"{what} goes through the symbolic link {through!r} -> {links[through]!r}"
+                    )
+            if member.issym():
+                links[name] = member.linkname
+    return ""
 
 
 def _write_layer(

@@ -2,7 +2,8 @@
 
 Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback, control
 characters escaped: the text may come from a registry), 2 usage (one line on stderr), 130
-interrupted.
+interrupted (SIGINT), 143 terminated (SIGTERM). A signal ends the command the way an error
+does: partial work is rolled back and a private containerd the command started is stopped.
 
 Sizes print in decimal units and ages in words, as `buildctl du` prints them; JSON output
 gives sizes in bytes and times in RFC 3339 (UTC), with the same keys every time.
@@ -25,19 +26,21 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from . import filters
-from ._progress import human_duration, human_size, progress_bar
+from ._progress import PROGRESS_MODES, human_duration, human_size, progress_bar
+from ._units import parse_duration
 from ._version import __version__
+from .blobs import compression_of
 from .client import DEFAULT_ADDRESS, Client, validate_namespace
 from .compression import Compression
 from .embedded import EmbeddedContainerd
-from .errors import CacheError, UnavailableError
+from .errors import CacheError, UnavailableError, UnimplementedError
 from .manager import DEFAULT_NAMESPACE, Manager, default_state_dir
 from .types import CachePolicy, PrunePolicy, UsageInfo
+from .usage_filters import FIELDS, compile_filters
 
 if TYPE_CHECKING:
     from .refs import ImmutableRef
@@ -66,8 +69,9 @@ _SIZE_PREFIXES: Final = "kmgtpe"
 
 
 def parse_size(text: str) -> int:
-    """Bytes from `100`, `100B`, `10GB`, `10g` (decimal: powers of 1000), `512MiB`, `512Ki`
-    (binary: powers of 1024), in any case; fractions of a byte are dropped.
+    """Bytes from `100`, `100B`, `512k`, `10GB`, `10GiB`, `1.5g`, in any case, read as docker
+    and buildx read sizes (go-units `RAMInBytes`): every unit is binary, so `10GB` and
+    `10GiB` are both 10 * 1024**3 bytes. Fractions of a byte are dropped.
 
     `ValueError` on anything else.
     """
@@ -75,46 +79,7 @@ def parse_size(text: str) -> int:
     if m is None or (m["binary"] and not m["prefix"]):
         raise ValueError(f"invalid size {text!r} (expected bytes, or e.g. 10GB, 512MiB, 1.5g)")
     power = _SIZE_PREFIXES.index(m["prefix"].lower()) + 1 if m["prefix"] else 0
-    base = 1024 if m["binary"] else 1000
-    return int(Decimal(m["number"]) * base**power)
-
-
-_DURATION_UNITS: Final = {
-    "ns": Decimal("1e-9"),
-    "us": Decimal("1e-6"),
-    "µs": Decimal("1e-6"),
-    "ms": Decimal("1e-3"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
-    "d": Decimal(86400),
-    "w": Decimal(7 * 86400),
-}
-_DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d|w)")
-_DURATION_RE: Final = re.compile(f"(?:{_DURATION_PART_RE.pattern})+")
-
-
-def parse_duration(text: str) -> timedelta:
-    """A duration in Go's notation plus days and weeks: `48h`, `30m`, `90s`, `1h30m`, `2d`,
-    `1.5h`, `1w`; units are lowercase; a bare `0` is zero.
-
-    `ValueError` on anything else.
-    """
-    if text == "0":
-        return timedelta(0)
-    if _DURATION_RE.fullmatch(text) is None:
-        raise ValueError(
-            f"invalid duration {text!r} (expected e.g. 48h, 30m, 90s, 1h30m, 2d; "
-            "units ns, us, ms, s, m, h, d, w)"
-        )
-    seconds = sum(
-        (Decimal(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART_RE.findall(text)),
-        Decimal(0),
-    )
-    try:
-        return timedelta(seconds=float(seconds))
-    except OverflowError:
-        raise ValueError(f"invalid duration {text!r} (too long)") from None
+    return int(Decimal(m["number"]) * 1024**power)
 
 
 def _argument_type(parse: Callable[[str], object]) -> Callable[[str], object]:
@@ -141,25 +106,54 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--address",
-        help="containerd socket (default: $CONTAINERD_ADDRESS, else " + DEFAULT_ADDRESS + ")",
+        default=os.environ.get("CONTAINERD_ADDRESS") or None,
+        help="containerd's socket (default: $CONTAINERD_ADDRESS, else "
+        f"{DEFAULT_ADDRESS} if it exists, else a private containerd; a socket that exists "
+        "and does not answer is an error)",
     )
     parser.add_argument(
         "--namespace",
         default=os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE,
-        help="containerd namespace (default: $CONTAINERD_NAMESPACE, else %(default)s)",
+        help="containerd namespace of the records (default: $CONTAINERD_NAMESPACE, else "
+        "%(default)s)",
     )
-    parser.add_argument("--snapshotter", default="overlayfs", help="default: %(default)s")
+    parser.add_argument(
+        "--snapshotter",
+        default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs",
+        help="snapshotter (default: $CONTAINERD_SNAPSHOTTER, else overlayfs; now %(default)s)",
+    )
     parser.add_argument(
         "--state-dir",
         type=pathlib.Path,
         default=default_state_dir(),
-        help="metadata store (STATE_DIR/cache) and embedded daemon (STATE_DIR/containerd) "
-        "directory (default: %(default)s)",
+        help="the metadata store's directory, the same as Manager.open(state_dir=...) "
+        "(default: $PYCTRD_CACHE_STATE_DIR, else $XDG_STATE_HOME/pyctrd-cache, else "
+        "~/.local/state/pyctrd-cache; now %(default)s)",
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=_argument_type(parse_duration),
+        default=parse_duration(os.environ.get("PYCTRD_CACHE_LOCK_TIMEOUT") or "60s"),
+        metavar="DURATION",
+        help="how long to wait while another process uses the state directory, e.g. 60s, "
+        "5m, 0 to fail at once (default: $PYCTRD_CACHE_LOCK_TIMEOUT, else 60s)",
     )
     parser.add_argument(
         "--embedded",
         action="store_true",
-        help="use a private containerd under the state directory",
+        help="use the private containerd (started for the command unless already running), "
+        "even when a system one answers; --address is then ignored",
+    )
+    parser.add_argument(
+        "--containerd-root",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="the private containerd's directory (default: STATE_DIR/containerd)",
+    )
+    parser.add_argument(
+        "--containerd-binary",
+        default="containerd",
+        help="the containerd the private daemon runs (default: %(default)s)",
     )
     parser.add_argument(
         "--repair",
@@ -167,9 +161,17 @@ def _parser() -> argparse.ArgumentParser:
         help="open a damaged metadata store by giving up the records it lost",
     )
     parser.add_argument(
-        "--containerd-binary",
-        default="containerd",
-        help="the containerd the embedded daemon runs (default: %(default)s)",
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="transfer progress on stderr: tty (a live line), plain (one line per event, for "
+        "logs), quiet; auto is tty on a terminal, else plain (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="log the library's decisions on stderr (retries, fallbacks, repairs at open, "
+        "collections, variants made)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -181,9 +183,14 @@ def _parser() -> argparse.ArgumentParser:
     _filter_option(du)
     _format_option(du)
 
-    prune = commands.add_parser("prune", help="remove unused records and list what was freed")
+    prune = commands.add_parser(
+        "prune",
+        help="remove unused records and list what was freed",
+        description="Removes unused records, least recently used first, and lists them. "
+        "Sizes are binary as in docker and buildx: 10GB is 10GiB.",
+    )
     prune.add_argument(
-        "--all", action="store_true", help="internal, frontend and shared records too"
+        "-a", "--all", action="store_true", help="internal, frontend and shared records too"
     )
     prune.add_argument(
         "--keep-duration",
@@ -192,59 +199,101 @@ def _parser() -> argparse.ArgumentParser:
         help="keep records used within this long (e.g. 48h, 1h30m, 2d)",
     )
     prune.add_argument(
+        "--reserved-space",
+        type=_argument_type(parse_size),
+        default=0,
+        metavar="SIZE",
+        help="remove least recently used records only down to this total (e.g. 10GB)",
+    )
+    prune.add_argument(
         "--keep-storage",
         type=_argument_type(parse_size),
         default=0,
         metavar="SIZE",
-        help="remove least recently used records only until the total fits "
-        "(e.g. 10GB, 512MiB; decimal and binary units)",
+        help="buildx's older name for --reserved-space",
     )
-    _filter_option(prune)
+    prune.add_argument(
+        "--max-used-space",
+        type=_argument_type(parse_size),
+        default=0,
+        metavar="SIZE",
+        help="remove least recently used records until the cache takes at most this",
+    )
+    prune.add_argument(
+        "--min-free-space",
+        type=_argument_type(parse_size),
+        default=0,
+        metavar="SIZE",
+        help="remove least recently used records while the file system of containerd's "
+        "snapshots has less than this free",
+    )
+    prune.add_argument(
+        "-v", "--verbose", action="store_true", help="every field of every removed record"
+    )
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be removed and the space it would free, removing nothing",
+    )
+    _filter_option(prune, prune=True)
     _format_option(prune)
 
-    commands.add_parser("ls", help="one line per record: id, size (- if not measured yet), use")
-    inspect = commands.add_parser("inspect", help="one record's metadata as JSON")
-    inspect.add_argument("id", metavar="ID")
+    ls = commands.add_parser(
+        "ls", help="one line per record: id, size (- if not measured yet), use, description"
+    )
+    ls.add_argument("-q", "--quiet", action="store_true", help="ids only")
+    _format_option(ls)
+    inspect = commands.add_parser("inspect", help="one record's metadata")
+    inspect.add_argument("id", metavar="ID", help="the record's id")
+    inspect.add_argument(
+        "--format", choices=["table", "json"], default="json", help="(default: %(default)s)"
+    )
 
     import_ = commands.add_parser(
         "import", help="a directory or a tar (plain, gzip, zstd) becomes a committed record"
     )
-    import_.add_argument("path", type=pathlib.Path, metavar="PATH")
+    import_.add_argument(
+        "path", type=pathlib.Path, metavar="PATH", help="a directory, or a tar (plain, gzip, zstd)"
+    )
     import_.add_argument("--parent", metavar="ID", help="the record to build on")
-    import_.add_argument("--description", metavar="D")
+    import_.add_argument("--description", metavar="D", help="the record's description")
     import_.add_argument(
         "--retain", action="store_true", help="cache policy RETAIN instead of DEFAULT"
     )
 
     export = commands.add_parser("export", help="write a record's chain as an OCI image layout")
-    export.add_argument("id", metavar="ID")
-    export.add_argument("--oci-layout", type=pathlib.Path, required=True, metavar="DIR")
+    export.add_argument("id", metavar="ID", help="the top record of the chain")
     export.add_argument(
-        "--compression", choices=[c.value for c in Compression], default=Compression.GZIP.value
+        "--oci-layout",
+        type=pathlib.Path,
+        required=True,
+        metavar="DIR",
+        help="the layout to write, created if missing; other tags in it are kept",
     )
+    _compression_option(export)
     export.add_argument(
         "--force-compression",
         action="store_true",
         help="convert layers whose blobs use another compression",
     )
-    export.add_argument("--tag", metavar="T")
+    export.add_argument("--tag", metavar="T", help="the tag to write (default: latest)")
+    _format_option(export)
 
     push = commands.add_parser(
         "push",
         help="push a record's chain as an image to a registry or an OCI layout; "
         "prints the manifest digest",
     )
-    push.add_argument("id", metavar="ID")
+    push.add_argument("id", metavar="ID", help="the top record of the chain")
     push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPO[:TAG] or oci-layout:DIR[:TAG]")
-    push.add_argument(
-        "--compression", choices=[c.value for c in Compression], default=Compression.GZIP.value
-    )
+    _compression_option(push)
     push.add_argument(
         "--force-compression",
         action="store_true",
         help="convert layers whose blobs use another compression",
     )
     _insecure_option(push)
+    _format_option(push)
 
     pull = commands.add_parser(
         "pull",
@@ -257,8 +306,27 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--extract", action="store_true", help="pull and unpack the layers now")
     _insecure_option(pull)
 
-    commands.add_parser("containerd", help="run the embedded containerd in the foreground")
+    commands.add_parser("containerd", help="run the private containerd in the foreground")
+
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script (needs the completion extra: "
+        "pip install 'pyctrd-cache[completion]')",
+        description="Prints a completion script; e.g. for bash: "
+        "pyctrd-cache completion bash > /etc/bash_completion.d/pyctrd-cache",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")
     return parser
+
+
+def _compression_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compression",
+        choices=[c.value for c in Compression],
+        default=Compression.GZIP.value,
+        help="the layers' compression; without --force-compression a blob already made in "
+        "another one is used as it is (default: %(default)s)",
+    )
 
 
 def _insecure_option(parser: argparse.ArgumentParser) -> None:
@@ -267,11 +335,24 @@ def _insecure_option(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="plain HTTP to a registry on a loopback host"
     )
     parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="plain HTTP to the registry named, on any host (e.g. a CI job's service "
+        "container); credentials then cross the network in clear",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=pathlib.Path,
+        metavar="PEM",
+        help="certificate authorities to trust besides the system's (default: the system's "
+        "trust store only)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_argument_type(_seconds),
         metavar="SECONDS",
-        help="seconds a registry request may take; a blob also gets its size at 64 KiB/s "
-        "(default: $PYCTRD_HTTP_TIMEOUT, else 30)",
+        help="seconds a registry answer's body may take once its headers arrived; a blob "
+        "also gets its size at 64 KiB/s (default: $PYCTRD_HTTP_TIMEOUT, else 30)",
     )
 
 
@@ -305,29 +386,37 @@ def layout_of(text: str) -> tuple[str, str | None] | None:
 
 
 def _format_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=["table", "json"], default="table")
+    parser.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default="table",
+        help="json: one document with the same keys every time, including the daemon used "
+        "(default: %(default)s)",
+    )
 
 
-def _filter_option(parser: argparse.ArgumentParser) -> None:
+def _filter_option(parser: argparse.ArgumentParser, *, prune: bool = False) -> None:
     parser.add_argument(
         "--filter",
         action="append",
         metavar="F",
-        help="containerd filter (id, parents, description, inuse, mutable, immutable, type, "
-        "shared, private); clauses joined by ',' are ANDed, repeated filters are ORed",
+        help=f"containerd filter on {', '.join(FIELDS)} (unknown fields are refused); "
+        "clauses joined by ',' are ANDed, repeated filters are ORed"
+        + ("; prune also takes until=DURATION, keeping records used within it" if prune else ""),
     )
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where the command's containerd is, and whether it is the embedded one."""
+    """Where the command's containerd is, and whether it is the private one."""
 
     address: str
     embedded: bool
 
 
 def _embedded_daemon(args: argparse.Namespace) -> EmbeddedContainerd:
-    return EmbeddedContainerd(args.state_dir / "containerd", args.containerd_binary)
+    root = args.containerd_root or args.state_dir / "containerd"
+    return EmbeddedContainerd(root, args.containerd_binary)
 
 
 def _answers(address: str) -> bool:
@@ -343,16 +432,16 @@ def _answers(address: str) -> bool:
 
 @contextlib.contextmanager
 def _target(args: argparse.Namespace) -> Iterator[Target]:
-    """The daemon to talk to: the one asked for, else the default one if it answers, else a
-    private one under the state directory (reused when already running)."""
-    explicit = args.address or os.environ.get("CONTAINERD_ADDRESS")
+    """The daemon to talk to: the private one with --embedded; else the one asked for; else
+    the default socket if it exists (an error if it does not answer); else the private one,
+    started under the state directory unless it already runs."""
     use_embedded = args.embedded or (
-        not explicit
-        and not _answers(DEFAULT_ADDRESS)
+        not args.address
+        and not os.path.exists(DEFAULT_ADDRESS)
         and shutil.which(args.containerd_binary) is not None
     )
     if not use_embedded:
-        yield Target(explicit or DEFAULT_ADDRESS, embedded=False)
+        yield Target(args.address or DEFAULT_ADDRESS, embedded=False)
         return
     daemon = _embedded_daemon(args)
     if _answers(daemon.address):
@@ -364,20 +453,43 @@ def _target(args: argparse.Namespace) -> Iterator[Target]:
         yield Target(daemon.address, embedded=True)
 
 
+@dataclass
+class _Opened:
+    """The command's manager and the daemon it runs on."""
+
+    cm: Manager
+    target: Target
+
+    def daemon(self) -> dict[str, object]:
+        """The `daemon` object of every JSON document."""
+        return {
+            "address": self.target.address,
+            "embedded": self.target.embedded,
+            "version": self.cm.containerd_version,
+        }
+
+
 @contextlib.contextmanager
-def _manager(args: argparse.Namespace) -> Iterator[Manager]:
-    """The cache manager on the command's daemon; its metadata store is STATE_DIR/cache."""
+def _opened(args: argparse.Namespace) -> Iterator[_Opened]:
+    """The cache manager on the command's daemon, on the state directory itself."""
     with (
         _target(args) as target,
         Manager.open(
             target.address,
             namespace=args.namespace,
             snapshotter=args.snapshotter,
-            state_dir=args.state_dir / "cache",
+            state_dir=args.state_dir,
             repair=args.repair,
+            lock_timeout=args.lock_timeout.total_seconds(),
         ) as cm,
     ):
-        yield cm
+        yield _Opened(cm, target)
+
+
+@contextlib.contextmanager
+def _manager(args: argparse.Namespace) -> Iterator[Manager]:
+    with _opened(args) as opened:
+        yield opened.cm
 
 
 # Output helpers.
@@ -402,6 +514,12 @@ def _jsonable(value: object) -> object:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return value
+
+
+def _jsonable_dict(value: object) -> dict[str, object]:
+    document = _jsonable(value)
+    assert isinstance(document, dict)
+    return document
 
 
 def _usage_json(u: UsageInfo) -> dict[str, object]:
@@ -509,6 +627,11 @@ def _info(args: argparse.Namespace) -> int:
         usable = sorted(p.id for p in snapshotters if p.ok)
         if args.format == "json":
             document = {
+                "daemon": {
+                    "address": target.address,
+                    "embedded": target.embedded,
+                    "version": version.version,
+                },
                 "address": target.address,
                 "embedded": target.embedded,
                 "namespace": args.namespace,
@@ -529,16 +652,18 @@ def _info(args: argparse.Namespace) -> int:
 
 def _du(args: argparse.Namespace) -> int:
     filter_strings = args.filter or []
-    filters.parse_all(*filter_strings)
-    with _manager(args) as cm:
+    compile_filters(filter_strings)
+    with _opened(args) as opened:
         usage = sorted(
-            cm.disk_usage(filters=filter_strings), key=lambda u: _by_creation(u.created_at, u.id)
+            opened.cm.disk_usage(filters=filter_strings),
+            key=lambda u: _by_creation(u.created_at, u.id),
         )
-        metadata_size = cm.metadata_size()
+        metadata_size = opened.cm.metadata_size()
     totals = _Totals.of(usage)
     if args.format == "json":
         _print_json(
             {
+                "daemon": opened.daemon(),
                 "records": [_usage_json(u) for u in usage],
                 "total": totals.total,
                 "reclaimable": totals.reclaimable,
@@ -565,38 +690,62 @@ def _du(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     """Lists the removed records in the order they went (children before parents)."""
     filter_strings = args.filter or []
-    filters.parse_all(*filter_strings)
+    compile_filters(filter_strings, prune=True)
     policy = PrunePolicy(
         filters=tuple(filter_strings),
         all=args.all,
         keep_duration=args.keep_duration,
-        keep_bytes=args.keep_storage,
+        reserved_space=max(args.reserved_space, args.keep_storage),
+        max_used_space=args.max_used_space,
+        min_free_space=args.min_free_space,
     )
     table = args.format == "table"
     printed = False
 
     def show(info: UsageInfo) -> None:
         nonlocal printed
+        if args.verbose:
+            print("\n".join(_verbose_block(info)), flush=True)
+            return
         if not printed:
             print(_table_header())
             printed = True
         print(_table_row(info), flush=True)
 
-    with _manager(args) as cm:
-        removed = cm.prune(policy, on_removed=show if table else None)
+    with _opened(args) as opened:
+        removed = opened.cm.prune(policy, on_removed=show if table else None, dry_run=args.dry_run)
     total = sum(u.size for u in removed if u.size > 0)
     if table:
-        print(_key_value("Total", human_size(total)))
+        label = "Would free" if args.dry_run else "Total"
+        print(_key_value(label, human_size(total)))
     else:
-        _print_json({"removed": [_usage_json(u) for u in removed], "total": total})
+        document: dict[str, object] = {
+            "daemon": opened.daemon(),
+            "removed": [_usage_json(u) for u in removed],
+            "total": total,
+        }
+        if args.dry_run:
+            document["dry_run"] = True
+        _print_json(document)
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
-    with _manager(args) as cm:
-        records = cm.records()
+    with _opened(args) as opened:
+        records = opened.cm.records()
+    if args.format == "json":
+        _print_json(
+            {
+                "daemon": opened.daemon(),
+                "records": [{**_jsonable_dict(r.info), "in_use": r.in_use} for r in records],
+            }
+        )
+        return 0
     for record in records:
         info = record.info
+        if args.quiet:
+            print(info.id)
+            continue
         size = human_size(info.size) if info.size is not None else "-"
         use = "in-use" if record.in_use else "unused"
         print(f"{info.id:<27}{size:<11}{use:<8}{_printable(info.description)}".rstrip())
@@ -604,9 +753,18 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    with _manager(args) as cm:
-        info = cm.info(args.id)
-    _print_json(_jsonable(info))
+    with _opened(args) as opened:
+        info = opened.cm.info(args.id)
+    if args.format == "json":
+        _print_json({**_jsonable_dict(info), "daemon": opened.daemon()})
+        return 0
+    for key, value in _jsonable_dict(info).items():
+        shown = "" if value is None else value
+        if isinstance(value, list):
+            shown = ", ".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            shown = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(_key_value(key.replace("_", " ").capitalize(), _printable(str(shown))))
     return 0
 
 
@@ -614,7 +772,7 @@ def _import(args: argparse.Namespace) -> int:
     from . import oci
 
     policy = CachePolicy.RETAIN if args.retain else CachePolicy.DEFAULT
-    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
+    with _manager(args) as cm, progress_bar(sys.stderr, args.progress) as progress:
         parent: ImmutableRef | None = None
         if args.parent:
             parent = cm.get(args.parent)
@@ -651,8 +809,8 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
     from . import oci, registry
 
     compression = Compression(args.compression)
-    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
-        ref = cm.get(args.id)
+    with _opened(args) as opened, progress_bar(sys.stderr, args.progress) as progress:
+        ref = opened.cm.get(args.id)
         try:
             if layout is not None:
                 manifest = oci.export_layout(
@@ -670,12 +828,46 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
                     compression=compression,
                     force_compression=args.force_compression,
                     insecure=args.insecure,
+                    plain_http=args.plain_http,
+                    ca_file=args.ca_file,
                     timeout=args.timeout,
                     progress=progress,
                 )
+            # The same request serves the same layers again, without converting anything.
+            layers = ref.get_remote(
+                compression=compression, force_compression=args.force_compression
+            ).descriptors
         finally:
             ref.release()
+    written = [compression_of(d.media_type, d.annotations) for d in layers]
+    if args.format == "json":
+        # The layers' compressions say what a note says on a terminal.
+        _print_json(
+            {
+                "daemon": opened.daemon(),
+                "manifest": manifest.digest,
+                "layers": [
+                    {
+                        "digest": d.digest,
+                        "media_type": d.media_type,
+                        "size": d.size,
+                        "compression": c.value,
+                    }
+                    for d, c in zip(layers, written, strict=True)
+                ],
+            }
+        )
+        return 0
     print(manifest.digest)
+    other = [c for c in written if c is not compression]
+    if other:
+        # Without --force-compression a layer keeps the blob it has (BuildKit's rule).
+        kinds = ", ".join(sorted({c.value for c in other}))
+        print(
+            f"{PROG}: note: {len(other)} of {len(written)} layers are {kinds}, not "
+            f"{compression.value} (existing blobs are reused; --force-compression converts)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -683,7 +875,7 @@ def _pull(args: argparse.Namespace) -> int:
     from . import oci, registry
 
     layout = layout_of(args.layout)
-    with _manager(args) as cm, progress_bar(sys.stderr) as progress:
+    with _manager(args) as cm, progress_bar(sys.stderr, args.progress) as progress:
         if layout is not None:
             ref = oci.pull_layout(cm, *layout, extract=args.extract, progress=progress)
         else:
@@ -691,6 +883,8 @@ def _pull(args: argparse.Namespace) -> int:
                 cm,
                 args.layout,
                 insecure=args.insecure,
+                plain_http=args.plain_http,
+                ca_file=args.ca_file,
                 timeout=args.timeout,
                 extract=args.extract,
                 progress=progress,
@@ -718,6 +912,17 @@ def _containerd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _completion(args: argparse.Namespace) -> int:
+    try:
+        import shtab
+    except ImportError:
+        raise UnimplementedError(
+            "shell completion needs the completion extra: pip install 'pyctrd-cache[completion]'"
+        ) from None
+    print(shtab.complete(_parser(), shell=args.shell))
+    return 0
+
+
 COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "info": _info,
     "du": _du,
@@ -729,6 +934,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
     "push": _push,
     "pull": _pull,
     "containerd": _containerd,
+    "completion": _completion,
 }
 
 
@@ -737,8 +943,42 @@ def _fail(message: str) -> int:
     return 1
 
 
+class _Signalled(BaseException):
+    """SIGTERM or SIGINT arrived: the command unwinds as on an error."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    # The first signal unwinds the command; later ones must not cut its clean-up short.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise _Signalled(signum)
+
+
+def _setup_logging(debug: bool) -> None:
+    """The library's log on stderr: warnings (a wait for the state directory, a store moved)
+    always, everything with --debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    if debug:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    else:
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logger = logging.getLogger("pyctrd_cache")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _setup_logging(args.debug)
+    if threading.current_thread() is threading.main_thread() and args.command != "containerd":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _on_signal)
     try:
         validate_namespace(args.namespace)
         return COMMANDS[args.command](args)
@@ -753,6 +993,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err.filename is not None:
             return _fail(f"{err.strerror or err}: {err.filename}")
         return _fail(str(err))
+    except _Signalled as signalled:
+        return 128 + signalled.signum
     except KeyboardInterrupt:
         return 130
     except Exception as err:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Protocol
@@ -140,23 +140,27 @@ def adapt(fields: Mapping[str, tuple[str, bool]]) -> Adaptor:
     return _MappingAdaptor(fields)
 
 
-def parse(filter_string: str) -> Filter:
+def parse(filter_string: str, *, fields: Collection[str] | None = None) -> Filter:
     """The filter for one string: all its selectors must match. "" matches everything.
+
+    With `fields`, a field path (dotted) outside them is refused: containerd would match it
+    as absent, so `name!=x` on a misspelt name would match everything.
 
     Raises `InvalidError` naming the string, the position and what was expected there.
     """
     if filter_string == "":
         return _ALWAYS
-    return _Parser(filter_string).parse()
+    return _Parser(filter_string, fields).parse()
 
 
-def parse_all(*filter_strings: str) -> Filter:
+def parse_all(*filter_strings: str, fields: Collection[str] | None = None) -> Filter:
     """The filter matching when any of the strings does; no strings match everything.
 
     As in containerd, an empty string among them matches everything too. Every string is
-    parsed, so a malformed one raises `InvalidError` either way.
+    parsed, so a malformed one (or, with `fields`, one naming another field) raises
+    `InvalidError` either way.
     """
-    filters = [parse(one) for one in filter_strings]
+    filters = [parse(one, fields=fields) for one in filter_strings]
     if not filters or any(one is _ALWAYS for one in filters):
         return _ALWAYS
     if len(filters) == 1:
@@ -228,9 +232,12 @@ class _Token:
 
 
 class _Parser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, fields: Collection[str] | None = None) -> None:
         self.text = text
+        self.fields = fields
         self.pos = 0
+        # The position and dotted name of each field path, checked once the syntax is.
+        self.paths: list[tuple[int, str]] = []
 
     def error(self, pos: int, problem: str) -> InvalidError:
         return InvalidError(f"invalid filter {self.text!r} at position {pos}: {problem}")
@@ -246,13 +253,22 @@ class _Parser:
                 raise self.error(self.pos, f"expected ',' or the end of the filter, not {char!r}")
             self.pos += 1
             selectors.append(self.selector())
+        for start, name in self.paths:
+            if self.fields is not None and name not in self.fields:
+                raise self.error(
+                    start, f"unknown field {name!r} (valid fields: {', '.join(self.fields)})"
+                )
         return _All(tuple(selectors))
 
     def selector(self) -> _Selector:
+        start = self.pos
         path = [self.field()]
         while self.peek() == ".":
             self.pos += 1
             path.append(self.field())
+        while self.text[start] in _SPACES:
+            start += 1
+        self.paths.append((start, ".".join(path)))
         if self.peek() in ("", ","):
             return _Selector(tuple(path), _Op.PRESENT)
         op = self.operator()

@@ -12,6 +12,7 @@ without its row, and one found without means the store lost records (`StoreDamag
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import threading
@@ -22,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Final
 
-from . import _validate, blobs, filters, remote_snapshots
+from . import _validate, blobs, mountpoints, remote_snapshots
 from ._faults import crash_point
 from ._singleflight import SingleFlight
 from .client import DEFAULT_ADDRESS, Client, ContentService, Descriptor, LeaseResource, SnapshotKind
@@ -41,18 +42,25 @@ from .refs import ImmutableRef, MutableRef, _Record, now_ns
 from .remote import DescHandler, DescHandlers
 from .shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
 from .types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
+from .usage_filters import UsageFilter, compile_filters
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
 
+_log = logging.getLogger("pyctrd_cache")
 _NO_HANDLERS: Final[DescHandlers] = MappingProxyType({})
 OWNER_LABEL: Final = "pyctrd-cache/manager"
 """On every lease a manager creates; the value is the id of the manager's metadata store."""
 KIND_LABEL: Final = "pyctrd-cache/kind"
 DEFAULT_NAMESPACE: Final = "pyctrd"
 
+log = logging.getLogger(__name__)
+
 
 def default_state_dir() -> pathlib.Path:
-    """`$XDG_STATE_HOME/pyctrd-cache`, else `~/.local/state/pyctrd-cache`."""
+    """`$PYCTRD_CACHE_STATE_DIR`, else `$XDG_STATE_HOME/pyctrd-cache`, else
+    `~/.local/state/pyctrd-cache`."""
+    if explicit := os.environ.get("PYCTRD_CACHE_STATE_DIR"):
+        return pathlib.Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return pathlib.Path(base) / "pyctrd-cache"
 
@@ -74,6 +82,28 @@ class _UsageEntry:
     refs: int
     double_ref: bool
     chain: list[str]
+
+
+class _Gone:
+    """What a prune removed so far (or, in a dry run, would have): the records, the
+    handles they held on their parents, and the bytes that freed."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.handles: set[ImmutableRef] = set()
+        self.freed = 0
+
+    def holds(self, rec: _Record) -> bool:
+        """Whether `rec` has a handle that no removed record held."""
+        return any(ref not in self.handles for ref in rec.refs)
+
+    def add(self, rec: _Record, twin: _Record | None, freed: int) -> None:
+        self.freed += freed
+        for one in (rec, twin):
+            if one is not None:
+                self.ids.add(one.id)
+                if one.parent is not None:
+                    self.handles.add(one.parent)
 
 
 class Manager:
@@ -101,9 +131,8 @@ class Manager:
         self._flight = SingleFlight()
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
         self._background: set[Future[None]] = set()
-        # Set when a lease went without a collection after it; the next prune collects.
-        self._uncollected = False
         self._closed = False
+        self._containerd_version = ""
 
     # Opening and closing.
 
@@ -113,13 +142,23 @@ class Manager:
         address: str | None = None,
         *,
         namespace: str | None = None,
-        snapshotter: str = "overlayfs",
+        snapshotter: str | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         shared_checker: SharedCheckerFactory | None = None,
         repair: bool = False,
+        lock_timeout: float = 0.0,
     ) -> Manager:
         """Connects, checks the snapshotter, opens the metadata store and reconciles it with
-        containerd (see `_reconcile`).
+        containerd.
+
+        Each of `address`, `namespace`, `snapshotter` and `state_dir` left out is taken from
+        `$CONTAINERD_ADDRESS`, `$CONTAINERD_NAMESPACE`, `$CONTAINERD_SNAPSHOTTER` and
+        `$PYCTRD_CACHE_STATE_DIR`, else the defaults (`/run/containerd/containerd.sock`,
+        `pyctrd`, `overlayfs`, `default_state_dir()`).
+
+        One manager at a time uses a state directory. While another (in any process) has it
+        open, this call waits up to `lock_timeout` seconds for it, logging once who holds it
+        (process id and command), then raises `LockedError` naming the holder.
 
         `shared_checker` makes the checker `disk_usage` and `prune` ask which records are
         shared; by default, those whose chain of blobs an image in the namespace's image
@@ -133,18 +172,24 @@ class Manager:
         """
         address = address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
         namespace = namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
+        snapshotter = snapshotter or os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs"
         client = Client(address, namespace=namespace)
         try:
-            client.check(snapshotter=snapshotter)
+            version = client.check(snapshotter=snapshotter)
             store = MetadataStore(
-                state_dir if state_dir is not None else default_state_dir(), repair=repair
+                state_dir if state_dir is not None else default_state_dir(),
+                repair=repair,
+                lock_timeout=lock_timeout,
             )
         except BaseException:
             client.close()
             raise
         manager = cls(client, store, snapshotter, shared_checker)
+        manager._containerd_version = version.version
         try:
             manager._reconcile(repair=repair)
+            for path in mountpoints.clean_stale(manager.mounts_dir):
+                _log.debug("unmounted and removed %s, left by a process that is gone", path)
         except BaseException:
             manager.close()
             raise
@@ -164,17 +209,29 @@ class Manager:
     def close(self) -> None:
         """Waits for background removals, then releases the metadata store; the manager is
         unusable afterwards."""
-        if self._closed:
-            return
-        self._executor.shutdown(wait=True)
         with self._mu:
+            if self._closed:
+                return
+            # Closed before the executor stops, so that work racing with close meets the
+            # project's error, never the executor's.
             self._closed = True
+        self._executor.shutdown(wait=True)
         self._store.close()
         self._client.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidError("the cache manager is closed")
+
+    @property
+    def address(self) -> str:
+        """The containerd socket the manager talks to."""
+        return self._client.address
+
+    @property
+    def containerd_version(self) -> str:
+        """The version the daemon reported when the manager opened (e.g. `1.7.24`)."""
+        return self._containerd_version
 
     @property
     def namespace(self) -> str:
@@ -185,6 +242,11 @@ class Manager:
     def state_dir(self) -> pathlib.Path:
         """The directory that holds the metadata store and the manager id."""
         return self._store.state_dir
+
+    @property
+    def mounts_dir(self) -> pathlib.Path:
+        """Where `Ref.mount` mounts (see `pyctrd_cache.mountpoints`)."""
+        return self._store.state_dir / "mounts"
 
     @property
     def manager_id(self) -> str:
@@ -227,7 +289,6 @@ class Manager:
         """Deletes a lease; containerd collects what it held at the next prune at the latest."""
         with contextlib.suppress(NotFoundError):
             self._client.leases.delete(lease_id)
-        self._uncollected = True
 
     def _remove_later(self, rec: _Record) -> None:
         """Removes `rec` (already marked deleted) outside the caller's locks."""
@@ -237,7 +298,12 @@ class Manager:
                 if not rec.removed:
                     rec.remove(remove_snapshot=True)
 
-        future = self._executor.submit(remove)
+        try:
+            future = self._executor.submit(remove)
+        except RuntimeError:
+            # The manager closed meanwhile: the row is marked deleted, `open` finishes it.
+            _log.debug("manager closed: the removal of %s is left to the next open", rec.id)
+            return
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
@@ -246,14 +312,33 @@ class Manager:
         for future in list(self._background):
             future.result()
 
-    def _is_lazy(self, rec: _Record) -> bool:
-        if not rec.md.blob_only or not rec.md.blob:
+    # Laziness has two halves: a record's blob may be absent from the content store (what
+    # remotes, exports and pushes need), and its snapshot may not be made yet (what mounts
+    # need). A record that shares another's extracted snapshot can lack only its blob.
+
+    def _blob_missing(self, rec: _Record) -> bool:
+        """Whether the record has a blob that is not in the content store."""
+        if not rec.md.blob:
             return False
         try:
             self._client.content.info(rec.md.blob)
         except NotFoundError:
             return True
-        return remote_snapshots.is_remote(self._client, self.snapshotter, rec.md.snapshot_id)
+        return False
+
+    def _is_lazy(self, rec: _Record) -> bool:
+        """Either half: the blob is absent, or the snapshot is a remote one."""
+        if self._blob_missing(rec):
+            return True
+        return (
+            rec.md.blob_only
+            and bool(rec.md.blob)
+            and remote_snapshots.is_remote(self._client, self.snapshotter, rec.md.snapshot_id)
+        )
+
+    def _snapshot_lazy(self, rec: _Record) -> bool:
+        """The snapshot half: the snapshot is not made, and making it needs the blob."""
+        return rec.md.blob_only and self._is_lazy(rec)
 
     # Reconciliation.
 
@@ -297,6 +382,7 @@ class Manager:
                 and snapshots.get(md.id) is SnapshotKind.COMMITTED
             ):
                 # A finalize committed the snapshot, then stopped before its row changed.
+                log.info("reconcile: finishing the interrupted finalize of record %s", md.id)
                 md.equal_mutable = ""
                 md.snapshot_id = md.id
                 changed = [md]
@@ -315,6 +401,7 @@ class Manager:
 
         for md in list(rows.values()):
             if md.deleted:
+                log.info("reconcile: finishing the interrupted removal of record %s", md.id)
                 with contextlib.suppress(NotFoundError):
                     self._client.leases.delete(md.id)
                 self._store.delete(md.id)
@@ -346,6 +433,9 @@ class Manager:
 
         dropped = [record_id for record_id in rows if not is_valid(record_id)]
         for record_id in dropped:
+            log.warning(
+                "reconcile: dropping record %s, whose containerd objects are gone", record_id
+            )
             if record_id in leases:
                 with contextlib.suppress(NotFoundError):
                     self._client.leases.delete(record_id)
@@ -356,6 +446,7 @@ class Manager:
             for record_id in rows:
                 self._get_record(record_id)
         for lease_id in leases - rows.keys():
+            log.info("reconcile: deleting lease %s, which no record holds", lease_id)
             self._drop_lease(lease_id)
         if owned_ids - rows.keys():
             # What the deleted leases held is gone before `open` returns.
@@ -406,6 +497,7 @@ class Manager:
         """
         missing = blobs.missing_providers(blobs.chain_of(ref), ref.desc_handlers)
         if missing:
+            ref.trigger_last_used = False  # a failed get is not a use
             ref._release_locked()
             raise NeedsRemoteProvidersError(missing)
 
@@ -640,7 +732,8 @@ class Manager:
         linkable = [self._records[i] for i in self._store.search_chain(chain) if i in self._records]
         for candidate in sorted(linkable, key=lambda r: r.md.blob_only):
             try:
-                link = self._get(candidate.id, trigger_last_used=False, dhs=dhs)
+                # Sharing its snapshot is a use of the linked record, as in BuildKit.
+                link = self._get(candidate.id, trigger_last_used=True, dhs=dhs)
             except (NotFoundError, NeedsRemoteProvidersError):
                 continue
             with link._rec.mu:
@@ -741,7 +834,7 @@ class Manager:
         it extracted, or else in the oldest of them (moby/buildkit#6931).
         """
         self._check_open()
-        match = _compile(filters)
+        match = compile_filters(filters)
         entries = self._usage_entries()
         sizes = self._sizes(entries)
         shared = self._shared(entries)
@@ -749,7 +842,7 @@ class Manager:
             self._usage_info(e.info, e.refs, size=sizes[record_id], shared=record_id in shared)
             for record_id, e in entries.items()
         ]
-        infos = [i for i in infos if match.match(_adaptor(i))]
+        infos = [i for i in infos if match.match(i)]
         infos.sort(key=lambda i: (i.created_at.timestamp() if i.created_at else 0.0, i.id))
         return infos
 
@@ -775,9 +868,17 @@ class Manager:
         return self._store.size_on_disk()
 
     def _sizes(self, entries: Mapping[str, _UsageEntry]) -> dict[str, int]:
-        unknown = [e.rec for e in entries.values() if e.info.size is None]
+        # A mutable record in use changes at any time: it is not measured (BuildKit).
+        unknown = [
+            e.rec
+            for e in entries.values()
+            if e.info.size is None and not (e.info.mutable and e.refs > 0)
+        ]
         sizes = {e.info.id: e.info.size or 0 for e in entries.values()}
-        computed = self._executor.map(self._size_of, unknown)
+        try:
+            computed = self._executor.map(self._size_of, unknown)
+        except RuntimeError:
+            raise InvalidError("the cache manager is closed") from None
         sizes.update(zip((r.id for r in unknown), computed, strict=True))
         groups: dict[str, list[_UsageEntry]] = {}
         for e in entries.values():
@@ -882,11 +983,21 @@ class Manager:
     # Prune.
 
     def prune(
-        self, *policies: PrunePolicy, on_removed: Callable[[UsageInfo], None] | None = None
+        self,
+        *policies: PrunePolicy,
+        on_removed: Callable[[UsageInfo], None] | None = None,
+        dry_run: bool = False,
     ) -> list[UsageInfo]:
         """Removes unused records by each policy in turn (no policy: the default one) and
-        lets containerd collect what they held before returning; prunes never overlap."""
+        lets containerd collect what they held, and whatever else no record holds, before
+        returning; prunes never overlap.
+
+        Each entry's `size` is what removing that record freed: its blobs, and its snapshot
+        when no other record holds it. With `dry_run` nothing is removed or collected, and
+        the result is what the same prune would remove now.
+        """
         self._check_open()
+        compiled = [(policy, compile_filters(policy.filters, prune=True)) for policy in policies]
         removed: list[UsageInfo] = []
 
         def report(info: UsageInfo) -> None:
@@ -896,111 +1007,177 @@ class Manager:
 
         with self._prune_mu:
             self._wait_background()
-            for policy in policies or (PrunePolicy(),):
-                self._prune_once(policy, report)
-            if removed or self._uncollected:
+            gone = _Gone()
+            for policy, match in compiled or [(PrunePolicy(), compile_filters(()))]:
+                self._prune_once(policy, match, report, gone, dry_run=dry_run)
+            if not dry_run:
+                # BuildKit collects after every prune: records released since the last
+                # collection left data that no lease holds.
                 self._collect_garbage()
         return removed
 
     def _collect_garbage(self) -> None:
         """Runs containerd's garbage collector and waits for it."""
+        log.debug("asking containerd to collect garbage")
         gc_lease = f"gc-{_new_id()}"
-        self._uncollected = False
         self._client.leases.create(gc_lease, labels=self._lease_labels("gc"))
         self._client.leases.delete(gc_lease, sync=True)
 
-    def _prune_once(self, policy: PrunePolicy, report: Callable[[UsageInfo], None]) -> None:
-        match = _compile(policy.filters)
+    def _prune_once(
+        self,
+        policy: PrunePolicy,
+        match: UsageFilter,
+        report: Callable[[UsageInfo], None],
+        gone: _Gone,
+        *,
+        dry_run: bool,
+    ) -> None:
+        """One policy: removes candidates one at a time (least valuable first under a size
+        bound) and adds a parent to the candidates once its last child went.
+
+        Under a size bound the total is the deduplicated one `disk_usage` reports, and each
+        removal takes off what it freed, so both sides of the comparison count a shared
+        snapshot once.
+        """
         checker = self._shared_checker() if not policy.all or policy.filters else None
+        keep_duration = max(
+            (d for d in (policy.keep_duration, match.until) if d is not None), default=None
+        )
+        cut_off = now_ns() - int(keep_duration.total_seconds() * 1e9) if keep_duration else None
         keep = policy.keep_bytes
         total = 0
         free_space_policy = policy.reserved_space or policy.max_used_space or policy.min_free_space
+        # A dry run's earlier policies removed nothing that `disk_usage` could see.
+        unseen = gone.freed if dry_run else 0
         if keep or free_space_policy:
-            total = sum(u.size for u in self.disk_usage() if not u.shared)
+            usage = self.disk_usage()
+            # Records the policy may remove count even when an image uses them.
+            total = sum(u.size for u in usage if policy.all or not u.shared) - unseen
         if free_space_policy:
             keep = keep_bytes_for(
                 total,
-                self._free_bytes(),
+                self._free_bytes() + unseen,
                 reserved_space=max(policy.reserved_space, policy.keep_bytes),
                 max_used_space=policy.max_used_space,
                 min_free_space=policy.min_free_space,
             )
-        cut_off = (
-            now_ns() - int(policy.keep_duration.total_seconds() * 1e9)
-            if policy.keep_duration
-            else None
-        )
-        while not keep or total > keep:
-            removed_any = False
-            for rec in self._prune_candidates(policy, match, cut_off, checker, ranked=bool(keep)):
-                if keep and total <= keep:
-                    return
-                info = self._remove_unused(rec)
-                if info is not None:
-                    removed_any = True
-                    total -= info.size
-                    report(info)
-            if not removed_any:
-                return
+        ranked = bool(keep)
 
-    def _prune_candidates(
-        self,
-        policy: PrunePolicy,
-        match: filters.Filter,
-        cut_off: int | None,
-        checker: SharedChecker | None,
-        *,
-        ranked: bool,
-    ) -> list[_Record]:
-        """The unused records the policy allows removing now (a parent becomes one once its
-        children are gone); least recently used first when `ranked`."""
-        candidates: list[_Record] = []
+        def prunable(rec: _Record) -> bool:
+            return self._prunable(rec, policy, match, cut_off, checker, gone)
+
         with self._mu:
             records = list(self._records.values())
-        # Each record is judged under its own lock only: a record gains a handle only under
-        # that lock, and `_remove_unused` checks again before it removes.
-        for rec in records:
-            with rec.mu:
-                if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
-                    continue
-                if (
-                    cut_off is not None
-                    and rec.md.last_used_at is not None
-                    and rec.md.last_used_at > cut_off
-                ):
-                    continue
-                info = rec.info()
-                shared = checker is not None and checker.exists(rec.id, rec.parent_chain())
-                if not policy.all and (
-                    shared or info.record_type in (RecordType.INTERNAL, RecordType.FRONTEND)
-                ):
-                    continue
-                usage = self._usage_info(info, 0, size=info.size or 0, shared=shared)
-                if match.match(_adaptor(usage)):
-                    candidates.append(rec)
-        return _rank_for_removal(candidates) if ranked else candidates
+        # The next record to remove is the last of the list.
+        candidates = [rec for rec in records if prunable(rec)]
+        queued = {rec.id for rec in candidates}
+        if ranked:
+            candidates = _rank_for_removal(candidates)[::-1]
+        while candidates and not (keep and total <= keep):
+            rec = candidates.pop()
+            info = self._remove_unused(rec, gone, dry_run=dry_run)
+            if info is None:
+                continue
+            total -= info.size
+            report(info)
+            parent = rec.parent._rec if rec.parent is not None else None
+            if parent is not None and parent.id not in queued and prunable(parent):
+                # Re-ranked at once: it may go before records used more recently.
+                queued.add(parent.id)
+                candidates.append(parent)
+                if ranked:
+                    candidates = _rank_for_removal(candidates)[::-1]
 
-    def _remove_unused(self, rec: _Record) -> UsageInfo | None:
-        """Removes `rec` unless it gained a handle since it was chosen; what was removed.
+    def _prunable(
+        self,
+        rec: _Record,
+        policy: PrunePolicy,
+        match: UsageFilter,
+        cut_off: int | None,
+        checker: SharedChecker | None,
+        gone: _Gone,
+    ) -> bool:
+        """Whether the policy allows removing `rec` now: unused (but for handles that
+        records already removed held), not kept by the policy, matching its filters.
+
+        Judged under the record's lock only: a record gains a handle only under that lock,
+        and `_remove_unused` checks again before it removes.
+        """
+        with rec.mu:
+            if (
+                _shares_data_with_listed_twin(rec)
+                or rec.is_dead()
+                or rec.id in gone.ids
+                or gone.holds(rec)
+            ):
+                return False
+            if (
+                cut_off is not None
+                and rec.md.last_used_at is not None
+                and rec.md.last_used_at > cut_off
+            ):
+                return False
+            info = rec.info()
+            shared = checker is not None and checker.exists(rec.id, rec.parent_chain())
+        if not policy.all and (
+            shared or info.record_type in (RecordType.INTERNAL, RecordType.FRONTEND)
+        ):
+            return False
+        return match.match(self._usage_info(info, 0, size=info.size or 0, shared=shared))
+
+    def _remove_unused(self, rec: _Record, gone: _Gone, *, dry_run: bool) -> UsageInfo | None:
+        """Removes `rec` unless it gained a handle since it was chosen (with `dry_run`, only
+        notes it in `gone`); what was removed, its size being the bytes that freed.
 
         The manager lock is taken for one record at a time, so other calls go on during a
         long prune (moby/buildkit#4401).
         """
-        self._size_of(rec)
+        size = self._size_of(rec)
+        # A snapshot that other records may hold is measured on its own, outside the locks.
+        snapshot_usage = self._snapshot_usage(rec) if rec.md.chain_id else None
         with self._mu, rec.mu:
-            if _shares_data_with_listed_twin(rec) or rec.is_dead() or rec.refs:
+            if _shares_data_with_listed_twin(rec) or rec.is_dead() or gone.holds(rec):
                 return None
-            size = rec.md.size
-            if size is None and rec.equal_immutable is not None:
-                size = rec.equal_immutable._rec.md.size
-            info = self._usage_info(rec.info(), 0, size=size or 0, shared=False)
+            twin = rec.equal_immutable._rec if rec.equal_immutable is not None else None
+            if snapshot_usage is not None:
+                others = self._snapshot_holders(rec, gone) - {rec.id}
+                if others and not rec.md.blob_only:
+                    size -= snapshot_usage  # the others keep the snapshot
+                elif not others and rec.md.blob_only:
+                    size += snapshot_usage  # a linked snapshot goes with its last holder
+            info = self._usage_info(rec.info(), 0, size=max(0, size), shared=False)
+            gone.add(rec, twin, info.size)
+            if dry_run:
+                return info
             rec.dead = True
-            if rec.equal_immutable is not None:
-                rec.equal_immutable._rec.remove(remove_snapshot=False)
+            if twin is not None:
+                twin.remove(remove_snapshot=False)
             rec.detach(remove_snapshot=True)
         # The lease goes outside the locks: containerd may be collecting garbage.
         rec.purge(remove_snapshot=True)
         return info
+
+    def _snapshot_usage(self, rec: _Record) -> int:
+        """The usage of the record's snapshot; 0 when it does not exist (yet)."""
+        try:
+            return self._client.snapshots(self.snapshotter).usage(rec.md.snapshot_id).size
+        except NotFoundError:
+            return 0
+
+    def _snapshot_holders(self, rec: _Record, gone: _Gone) -> set[str]:
+        """The live records that hold `rec`'s snapshot. Records share a snapshot only
+        with records of the same chain id. The manager lock is held."""
+        holders = set()
+        for record_id in self._store.search_chain(rec.md.chain_id):
+            other = self._records.get(record_id)
+            if (
+                other is not None
+                and other.id not in gone.ids
+                and not other.is_dead()
+                and other.md.snapshot_id == rec.md.snapshot_id
+            ):
+                holders.add(record_id)
+        return holders
 
     def _free_bytes(self) -> int:
         """Free bytes on the file system that holds the snapshotter's data."""
@@ -1079,24 +1256,4 @@ def _rank_for_removal(recs: list[_Record]) -> list[_Record]:
     max_count = rank or 1
     return sorted(
         recs, key=lambda r: last_used_rank[r.id] / max_last_used + count_rank[r.id] / max_count
-    )
-
-
-def _compile(filter_strings: Sequence[str]) -> filters.Filter:
-    return filters.parse_all(*filter_strings)
-
-
-def _adaptor(info: UsageInfo) -> filters.Adaptor:
-    return filters.adapt(
-        {
-            "id": (info.id, bool(info.id)),
-            "parents": (info.parents[0] if info.parents else "", bool(info.parents)),
-            "description": (info.description, bool(info.description)),
-            "inuse": ("", info.in_use),
-            "mutable": ("", info.mutable),
-            "immutable": ("", not info.mutable),
-            "type": (info.record_type.value, True),
-            "shared": ("", info.shared),
-            "private": ("", not info.shared),
-        }
     )

@@ -8,7 +8,12 @@ becomes "change the in-memory row, then `save` it"). The database runs in WAL mo
 failure the cache must survive (a power loss may lose the last transactions, never corrupt).
 
 The state directory is locked with `flock` while a store is open: a second store on it, in
-any process, fails with `LockedError`.
+any process, waits up to its `lock_timeout` (logging once who holds the lock: the holder
+writes its process id and command line into the lock file), then fails with `LockedError`.
+
+Before version 0.2 the command line kept its store in `STATE_DIR/cache`; opening `STATE_DIR`
+moves such a store up into it (under both locks), so that scripts and the command line see
+the same records. When both places hold a store, opening refuses rather than choose.
 
 The state directory is trusted, so it must be the user's own, as ssh and gpg require of
 theirs: one that is a symlink, is owned by another user, or is writable by group or others
@@ -33,6 +38,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import os
 import pathlib
 import re
@@ -52,6 +58,11 @@ DB_NAME: Final = "metadata.db"
 ID_NAME: Final = "manager-id"
 LOCK_NAME: Final = "lock"
 _SQLITE_SUFFIXES: Final = ("-wal", "-shm", "-journal")
+LEGACY_SUBDIR: Final = "cache"
+_LOCK_POLL: Final = 0.1
+_STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
+
+log = logging.getLogger(__name__)
 _SQLITE_FULL: Final = 13
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 
@@ -171,21 +182,78 @@ def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
 
+def _lock_file(fd: int, directory: pathlib.Path, timeout: float) -> int:
+    """`fd`, `directory`'s open lock file, once its lock is taken; waits up to `timeout`
+    seconds, logging once who holds it, else closes `fd` and raises `LockedError`."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    logged = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            holder = _holder(fd)
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
+                raise LockedError(
+                    f"state directory {directory} is in use by another open manager "
+                    f"({holder}){waited}"
+                ) from None
+            if not logged:
+                log.warning(
+                    "state directory %s is in use (%s); waiting up to %gs for it",
+                    directory,
+                    holder,
+                    timeout,
+                )
+                logged = True
+            time.sleep(_LOCK_POLL)
+
+
+def _write_holder(fd: int) -> None:
+    """Records this process in the lock file it holds, for those who wait for it."""
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    with suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it."""
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    pid, _, command = text.partition(" ")
+    if not pid.isdigit():
+        return "holder unknown"
+    command = "".join(c if c.isprintable() else "?" for c in command)[:200]
+    return f"pid {pid}: {command}" if command else f"pid {pid}"
+
+
 class MetadataStore:
     """The records of one state directory; thread-safe, one open store per directory.
 
     `repair` moves an unreadable database aside and starts an empty one with the saved id.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, repair: bool = False) -> None:
+    def __init__(
+        self, state_dir: str | os.PathLike[str], *, repair: bool = False, lock_timeout: float = 0.0
+    ) -> None:
         self.state_dir = pathlib.Path(state_dir)
         self.path = self.state_dir / DB_NAME
         self.id_path = self.state_dir / ID_NAME
         self._mu = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._dir_fd = -1
-        self._lock_fd = self._lock_directory()
+        self._lock_fd = self._lock_directory(lock_timeout)
         try:
+            self._adopt_legacy_store(lock_timeout)
             self.manager_id = self._open(repair)
         except BaseException:
             if self._db is not None:
@@ -317,13 +385,8 @@ class MetadataStore:
         if st.st_mode & 0o022:
             raise self._unsafe(f"its mode {stat.S_IMODE(st.st_mode):04o} lets others write")
         os.fchmod(self._dir_fd, 0o700)
-        for suffix in _SQLITE_SUFFIXES:
-            with suppress(FileNotFoundError):
-                mode = os.stat(DB_NAME + suffix, dir_fd=self._dir_fd, follow_symlinks=False)
-                if not stat.S_ISREG(mode.st_mode):
-                    raise self._unsafe(f"{self.state_dir / (DB_NAME + suffix)} is not a file")
 
-    def _lock_directory(self) -> int:
+    def _lock_directory(self, timeout: float) -> int:
         try:
             self._open_directory()
             fd = self._open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
@@ -336,13 +399,11 @@ class MetadataStore:
                 f"cannot use state directory {self.state_dir}: {err.strerror}"
             ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            _lock_file(fd, self.state_dir, timeout)
+        except BaseException:
             self._close_directory()
-            raise LockedError(
-                f"state directory {self.state_dir} is in use by another open manager"
-            ) from None
+            raise
+        _write_holder(fd)
         return fd
 
     def _close_directory(self) -> None:
@@ -350,16 +411,59 @@ class MetadataStore:
             os.close(self._dir_fd)
             self._dir_fd = -1
 
+    def _adopt_legacy_store(self, timeout: float) -> None:
+        """Moves a store the command line kept in `STATE_DIR/cache` up into the state
+        directory, unless the state directory has one of its own (then refuses)."""
+        legacy = self.state_dir / LEGACY_SUBDIR
+        if not (legacy / DB_NAME).is_file() or legacy.is_symlink():
+            return
+        if self.path.exists():
+            raise InvalidError(
+                f"two metadata stores: {self.path} and {legacy / DB_NAME} (where versions "
+                f"before 0.2 of the command line kept theirs); move one of them elsewhere"
+            )
+        try:
+            fd = os.open(
+                legacy / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise self._unsafe(f"{legacy / LOCK_NAME} is a symlink") from None
+            raise CacheError(f"cannot use state directory {legacy}: {err.strerror}") from None
+        legacy_fd = _lock_file(fd, legacy, timeout)
+        try:
+            for name in _STORE_FILES:
+                with suppress(FileNotFoundError):
+                    os.rename(legacy / name, self.state_dir / name)
+            with suppress(OSError):
+                os.unlink(legacy / LOCK_NAME)
+                legacy.rmdir()
+        except OSError as err:
+            raise CacheError(
+                f"cannot move the metadata store {legacy / DB_NAME} to {self.path}: {err.strerror}"
+            ) from None
+        finally:
+            os.close(legacy_fd)
+        log.warning("moved the metadata store %s up to %s", legacy / DB_NAME, self.path)
+
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
+            with suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)
             self._lock_fd = -1
         self._close_directory()
 
     def _connect(self) -> sqlite3.Connection:
         # The file exists with mode 0600 before SQLite opens it, whatever the umask; SQLite
-        # gives its -wal and -shm files the database file's mode. SQLite opens it by name:
-        # the directory is the user's own and no one else's to change meanwhile.
+        # gives its -wal and -shm files the database file's mode. SQLite opens them by name:
+        # the directory is the user's own and no one else's to change meanwhile, and a
+        # symlink there (planted before, or moved up with an old store) is refused.
+        for suffix in _SQLITE_SUFFIXES:
+            with suppress(FileNotFoundError):
+                mode = os.stat(DB_NAME + suffix, dir_fd=self._dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(mode.st_mode):
+                    raise self._unsafe(f"{self.state_dir / (DB_NAME + suffix)} is not a file")
         fd = self._open_file(DB_NAME, os.O_RDWR | os.O_CREAT)
         try:
             os.fchmod(fd, 0o600)

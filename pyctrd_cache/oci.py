@@ -18,6 +18,7 @@ match its digest, else it is replaced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -666,12 +667,13 @@ def import_path(
     """A directory or a tar (plain, gzip or zstd) becomes a committed (finalized) record on
     `parent`; returns a ref on it (release it).
 
-    A directory is streamed as a tar (modes, owners, mtimes, symlinks as symlinks, hard
-    links, FIFOs and device nodes; sockets are skipped) straight into containerd's diff
-    service. A tar file is first read through once: a member whose name, or hard link
-    target, is absolute or has a `..` component is refused with `InvalidError`. Nothing is
-    left behind on error. `progress` hears `start`, `bytes` (of tar stream sent) and `end`;
-    their digest is empty, and `message` names the path.
+    A directory is streamed as a tar (modes, owners, mtimes, extended attributes, which
+    include file capabilities and POSIX ACLs, as PAX `SCHILY.xattr.*` records; symlinks as
+    symlinks, hard links, FIFOs and device nodes; sockets are skipped) straight into
+    containerd's diff service. A tar file is first read through once: a member whose name,
+    or hard link target, is absolute or has a `..` component is refused with
+    `InvalidError`. Nothing is left behind on error. `progress` hears `start`, `bytes` (of
+    tar stream sent) and `end`; their digest is empty, and `message` names the path.
     """
     source = pathlib.Path(path)
     try:
@@ -790,6 +792,9 @@ def _apply_directory(work: MutableRef, source: pathlib.Path, counter: _Progress)
         raise failure
 
 
+_SCHILY_XATTR: Final = "SCHILY.xattr."
+
+
 def _pax_time(ns: int) -> str:
     sign = "-" if ns < 0 else ""
     seconds, fraction = divmod(abs(ns), 1_000_000_000)
@@ -830,6 +835,7 @@ def _write_tree(root: pathlib.Path, out: BinaryIO) -> None:
             info.mtime = st.st_mtime_ns // 1_000_000_000
             if st.st_mtime_ns % 1_000_000_000 or st.st_mtime_ns < 0:
                 info.pax_headers = {"mtime": _pax_time(st.st_mtime_ns)}
+            info.pax_headers = {**info.pax_headers, **_xattr_headers(full)}
             mode = st.st_mode
             if stat.S_ISDIR(mode):
                 info.type = tarfile.DIRTYPE
@@ -854,6 +860,29 @@ def _write_tree(root: pathlib.Path, out: BinaryIO) -> None:
             else:
                 continue  # sockets (and anything else tar cannot hold)
             tar.addfile(info)
+
+
+def _xattr_headers(full: str) -> dict[str, str]:
+    """The entry's extended attributes (file capabilities, `user.*`, POSIX ACLs as their
+    `system.posix_acl_*` attributes) as PAX `SCHILY.xattr.NAME` records, the form GNU tar
+    and containerd's applier use. Values are bytes: tarfile writes a record that is not
+    UTF-8 as binary, undoing the surrogate escapes."""
+    try:
+        names = os.listxattr(full, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}  # a file system, or a symlink, without extended attributes
+        raise
+    headers = {}
+    for name in sorted(names):
+        try:
+            value = os.getxattr(full, name, follow_symlinks=False)
+        except OSError as err:
+            if err.errno == errno.ENODATA:
+                continue  # removed meanwhile
+            raise
+        headers[_SCHILY_XATTR + name] = value.decode("utf-8", "surrogateescape")
+    return headers
 
 
 def _add_file(tar: tarfile.TarFile, info: tarfile.TarInfo, full: str) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import os
 import pathlib
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from .client import Descriptor, Mount
 from .compression import Compression
 from .errors import CacheError, InvalidError, NotFoundError
 from .metadata import RecordMeta
+from .mountpoints import new_mount_point, unmount
 from .mounts import readonly_mounts
 from .remote import DescHandlers, Remote
 from .remote_snapshots import Session, remote_labels
@@ -71,6 +71,8 @@ class _Record:
         self.equal_mutable: MutableRef | None = None
         self.equal_immutable: ImmutableRef | None = None
         self._parent_chain: list[str] | None = None
+        # Counts the changes of content or layout that make a measured size stale.
+        self.size_epoch = 0
 
     @property
     def id(self) -> str:
@@ -82,9 +84,22 @@ class _Record:
         return ref
 
     def mref(self, trigger_last_used: bool, dhs: DescHandlers) -> MutableRef:
+        """A writable handle: the size measured before no longer holds."""
         ref = MutableRef(self, trigger_last_used, dhs)
         self.refs.add(ref)
+        self.invalidate_size()
         return ref
+
+    def invalidate_size(self) -> None:
+        """Drops the measured size: the snapshot's content or the record's blobs changed."""
+        self.size_epoch += 1
+        if self.md.size is not None:
+            self.md.size = None
+            self.save()
+
+    def writable(self) -> bool:
+        """Whether a writable handle is open, so that the snapshot may change at any time."""
+        return self.mutable and bool(self.refs)
 
     def parent_ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef | None:
         """A new handle on the parent (takes the parent's lock)."""
@@ -171,6 +186,8 @@ class _Record:
 
     def release_mutable(self, ref: MutableRef) -> None:
         self.refs.discard(ref)
+        # Whatever the handle wrote (through mounts or apply) is measured afresh.
+        self.invalidate_size()
         if self.md.cache_policy != CachePolicy.RETAIN.value:
             twin = self.equal_immutable
             if twin is not None:
@@ -270,29 +287,41 @@ class _Record:
     def compute_size(self) -> int:
         """Snapshot usage plus the blob and its compression variants; cached in the row.
 
-        Takes the record lock itself; call it without holding it.
+        A record with a writable handle open is measured but not cached (its snapshot may
+        change at any time), and neither is a measurement that raced with a change of the
+        record (a write, an extraction, a finalize moving the snapshot) or that found the
+        snapshot missing. Takes the record lock itself; call it without holding it.
         """
-        with self.mu:
-            if self.md.size is not None:
-                return self.md.size
-            driver = self.md.snapshot_id
-            if self.equal_mutable is not None:
-                driver = self.equal_mutable._rec.md.snapshot_id
-            blob_only, blob = self.md.blob_only, self.md.blob
-        size = 0
-        if not blob_only:
-            try:
-                size = self.cm._client.snapshots(self.cm.snapshotter).usage(driver).size
-            except NotFoundError:
-                with self.mu:
-                    if self.is_dead():
-                        return 0
-        if blob:
-            size += self._blob_sizes(blob)
-        with self.mu:
-            self.md.size = size
-            self.save()
-        return size
+        while True:
+            with self.mu:
+                if self.md.size is not None and not self.writable():
+                    return self.md.size
+                state = self._size_state()
+            _, driver, blob_only, blob = state
+            size, complete = 0, True
+            if not blob_only:
+                try:
+                    size = self.cm._client.snapshots(self.cm.snapshotter).usage(driver).size
+                except NotFoundError:
+                    complete = False
+            if blob:
+                size += self._blob_sizes(blob)
+            with self.mu:
+                if self.is_dead():
+                    return 0
+                if self._size_state() != state:
+                    continue
+                if complete and not self.writable():
+                    self.md.size = size
+                    self.save()
+                return size
+
+    def _size_state(self) -> tuple[int, str, bool, str]:
+        """What a measured size depends on: the epoch, the snapshot measured, the blob."""
+        driver = self.md.snapshot_id
+        if self.equal_mutable is not None:
+            driver = self.equal_mutable._rec.md.snapshot_id
+        return (self.size_epoch, driver, self.md.blob_only, self.md.blob)
 
     def _blob_sizes(self, blob: str) -> int:
         content = self.cm._client.content
@@ -358,12 +387,14 @@ class Ref:
 
     @contextlib.contextmanager
     def mount(self, readonly: bool = True, *, session: Session = ()) -> Iterator[pathlib.Path]:
-        """Mounts the record on a temporary directory, unmounted (and removed) on exit.
+        """Mounts the record on a new directory under the state directory, unmounted (and
+        removed) on exit; if the process dies first, the next `Manager.open` on the state
+        directory does that (`pyctrd_cache.mountpoints`).
 
         Needs the privilege to mount (root, or CAP_SYS_ADMIN).
         """
         mounts = self.mounts(readonly, session=session)
-        target = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-mount-"))
+        target = new_mount_point(self._rec.cm.mounts_dir)
         mounted: list[pathlib.Path] = []
         try:
             for m in mounts:
@@ -372,7 +403,7 @@ class Ref:
             yield target
         finally:
             for path in reversed(mounted):
-                _unmount(path)
+                unmount(path)
             target.rmdir()
 
     def info(self) -> RefInfo:
@@ -481,7 +512,7 @@ class ImmutableRef(Ref):
     def parent(self) -> ImmutableRef | None:
         """A new handle on the parent record (release it), or None."""
         self._check()
-        return self._rec.parent_ref(False, self.desc_handlers)
+        return self._rec.parent_ref(True, self.desc_handlers)
 
     def clone(self) -> ImmutableRef:
         """A new handle on the same record."""
@@ -524,8 +555,17 @@ class ImmutableRef(Ref):
     def set_blob(self, desc: Descriptor) -> None:
         """Associates a blob already in the content store with the record (its compression
         from the media type) and computes the chain ids; nothing changes when the record
-        already has a blob."""
+        already has a blob. `InvalidError`, before anything is written, when the parent has
+        no blob (and so no chain ids to extend)."""
         self._check()
+        parent = self._rec.parent
+        if parent is not None:
+            with parent._rec.mu:
+                pmd = parent._rec.md
+                if not (pmd.chain_id and pmd.blob_chain_id):
+                    raise InvalidError(
+                        f"cannot set the blob of {self.id}: its parent {pmd.id} has no blob"
+                    )
         blobs.set_blob(self._rec, desc)
         blobs.set_chains(self._rec)
 
@@ -600,10 +640,3 @@ def _mount_one(m: Mount, target: pathlib.Path) -> None:
         if os.geteuid() != 0:
             reason = f"mounting needs root or CAP_SYS_ADMIN ({reason})"
         raise CacheError(f"cannot mount {m.type} {m.source} on {target}: {reason}")
-
-
-def _unmount(target: pathlib.Path) -> None:
-    result = subprocess.run(["umount", str(target)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        # A busy mount is detached now and freed when its last user goes.
-        subprocess.run(["umount", "--lazy", str(target)], capture_output=True, check=False)

@@ -3,12 +3,14 @@
 records.
 
 A reference names its registry host (`host[:port]/repository[:tag][@digest]`); there is no
-default host. Requests go over HTTPS, or plain HTTP with `insecure=True` (loopback hosts
-only). Access follows the registry's `WWW-Authenticate` challenge: Basic with the
-credentials, or a Bearer token from the challenge's realm (anonymous, or with the
-credentials: an OAuth2 POST first, the GET form when the token server has no POST).
-Credentials not given come from the Docker config file (`$DOCKER_CONFIG/config.json`, else
-`~/.docker/config.json`, its `auths` entries).
+default host. Requests go over HTTPS, checked against the system's trust store (plus
+`ca_file`, a PEM bundle, when given), or over plain HTTP with `insecure=True` (loopback hosts
+only) or `plain_http=True` (any host: the caller named it). Access follows the registry's
+`WWW-Authenticate` challenge: Basic with the credentials, or a Bearer token from the
+challenge's realm (anonymous, or with the credentials: an OAuth2 POST first, the GET form
+when the token server has no POST).
+Credentials not given come from the files and credential helpers Docker and podman use
+(`pyctrd_cache.credentials`).
 Connection errors and 5xx answers are retried within a bounded budget.
 
 Registries are not trusted (docs/security.md):
@@ -38,8 +40,8 @@ import io
 import json
 import math
 import os
-import pathlib
 import re
+import ssl
 import threading
 import time
 import weakref
@@ -55,6 +57,7 @@ import zstandard
 from .blobs import DISTRIBUTION_SOURCE_PREFIX
 from .client import Descriptor
 from .compression import Compression, parse_digest
+from .credentials import Credentials, find_credentials
 from .errors import AuthError, CacheError, InvalidError, NotFoundError, UnavailableError
 from .manager import Manager
 from .oci import (
@@ -196,55 +199,6 @@ def parse_reference(text: str) -> Reference:
     return Reference(m["host"], m["repository"], m["tag"], digest)
 
 
-# Credentials.
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and password, or an identity token (an OAuth2 refresh token)."""
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-
-    def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r})"
-
-
-def docker_config_credentials(host: str) -> Credentials | None:
-    """The `auths` entry for `host` in the Docker config file, if any."""
-    directory = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    path = pathlib.Path(directory) / "config.json"
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise InvalidError(f"cannot read the Docker config {path}: {err}") from None
-    auths = document.get("auths") if isinstance(document, Mapping) else None
-    if not isinstance(auths, Mapping):
-        return None
-    for key, entry in auths.items():
-        if not isinstance(entry, Mapping) or _config_host(str(key)) != host:
-            continue
-        username = str(entry.get("username") or "")
-        password = str(entry.get("password") or "")
-        if encoded := entry.get("auth"):
-            try:
-                username, _, password = base64.b64decode(str(encoded)).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidError(f"the auth of {key!r} in {path} is not base64") from None
-        token = str(entry.get("identitytoken") or "")
-        if username or password or token:
-            return Credentials(username, password, token)
-    return None
-
-
-def _config_host(key: str) -> str:
-    """`https://host:5000/v1/` and `host:5000` both give `host:5000`."""
-    return key.split("://", 1)[-1].split("/", 1)[0]
-
-
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     """The scheme (lower case) and parameters of a `WWW-Authenticate` header."""
     scheme, _, rest = header.strip().partition(" ")
@@ -311,20 +265,25 @@ class _Session:
     tokens got so far (by scope). Thread-safe."""
 
     def __init__(
-        self, ref: Reference, auth: Credentials | None, insecure: bool, timeout: float | None
+        self, ref: Reference, auth: Credentials | None, tls: _TLS, timeout: float | None
     ) -> None:
-        if insecure and ref.hostname not in _LOOPBACK_HOSTS:
-            raise InvalidError(f"{ref}: plain HTTP (insecure) is allowed only on loopback hosts")
+        if tls.insecure and not tls.plain_http and ref.hostname not in _LOOPBACK_HOSTS:
+            raise InvalidError(
+                f"{ref}: insecure (plain HTTP) is allowed only on loopback hosts; "
+                "plain_http (--plain-http) allows it for a host you name"
+            )
         self.ref = ref
-        self.base = f"{'http' if insecure else 'https'}://{ref.host}"
+        plain = tls.insecure or tls.plain_http
+        self.base = f"{'http' if plain else 'https'}://{ref.host}"
         self.origin = _origin(httpx.URL(self.base))
         self.timeout = timeout_from_environment() if timeout is None else check_timeout(timeout)
-        self._auth = auth if auth is not None else docker_config_credentials(ref.host)
+        self._auth = auth if auth is not None else find_credentials(ref.host)
         # Bodies are decoded here, in bounded steps: httpx's own decoding is unbounded.
         self._http = httpx.Client(
             timeout=httpx.Timeout(self.timeout, connect=min(_CONNECT_TIMEOUT, self.timeout)),
             follow_redirects=False,
             headers={"Accept-Encoding": "identity"},
+            verify=tls.context(),
         )
         self._finalizer = weakref.finalize(self, self._http.close)
         self._mu = threading.Lock()
@@ -686,16 +645,41 @@ def _as_credentials(auth: Credentials | tuple[str, str] | None) -> Credentials |
     return Credentials(*auth)
 
 
+@dataclass(frozen=True)
+class _TLS:
+    """How to reach a registry: plain HTTP (`insecure` on loopback, `plain_http` anywhere),
+    else HTTPS verified against the system's trust store and `ca_file`."""
+
+    insecure: bool = False
+    plain_http: bool = False
+    ca_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as err:
+                raise InvalidError(f"cannot use the CA file {self.ca_file}: {err}") from None
+        return context
+
+
+def _tls(insecure: bool, plain_http: bool, ca_file: str | os.PathLike[str] | None) -> _TLS:
+    return _TLS(insecure, plain_http, os.fspath(ca_file) if ca_file is not None else None)
+
+
 class RegistryProvider:
     """Serves the blobs of an image in an OCI distribution registry
     (`GET /v2/<name>/blobs/<digest>`, following redirects), streamed.
 
-    `auth` is a `Credentials` or a (user name, password) pair; without it, the Docker config
-    file's entry for the host is used, if any. `insecure` allows plain HTTP, on loopback
-    hosts only. `timeout` is the seconds a request may take (default `$PYCTRD_HTTP_TIMEOUT`,
-    else `DEFAULT_TIMEOUT`); a blob gets its size at `MIN_THROUGHPUT` more. A stream that
-    ends early, breaks or misses its deadline raises a `CacheError` naming the reference;
-    the content store's commit rejects bytes that do not match the digest.
+    `auth` is a `Credentials` or a (user name, password) pair; without it, the credentials
+    files and helpers are asked (`pyctrd_cache.credentials`). `insecure` allows plain HTTP on
+    loopback hosts, `plain_http` on any host; `ca_file` adds certificate authorities to the
+    system's. `timeout` is the seconds an answer's body may take once its headers arrived
+    (default `$PYCTRD_HTTP_TIMEOUT`, else `DEFAULT_TIMEOUT`); a blob gets its size at
+    `MIN_THROUGHPUT` more. A stream that ends early, breaks or misses its deadline raises a
+    `CacheError` naming the reference; the content store's commit rejects bytes that do not
+    match the digest.
     """
 
     def __init__(
@@ -704,12 +688,16 @@ class RegistryProvider:
         *,
         auth: Credentials | tuple[str, str] | None = None,
         insecure: bool = False,
+        plain_http: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
         timeout: float | None = None,
     ) -> None:
         self.reference = (
             reference if isinstance(reference, Reference) else parse_reference(reference)
         )
-        self._session = _Session(self.reference, _as_credentials(auth), insecure, timeout)
+        self._session = _Session(
+            self.reference, _as_credentials(auth), _tls(insecure, plain_http, ca_file), timeout
+        )
 
     def close(self) -> None:
         """Closes the connections (also done when the provider is collected)."""
@@ -833,6 +821,8 @@ def pull(
     *,
     auth: Credentials | tuple[str, str] | None = None,
     insecure: bool = False,
+    plain_http: bool = False,
+    ca_file: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     extract: bool = False,
     progress: ProgressCallback | None = None,
@@ -851,7 +841,9 @@ def pull(
     ref = parse_reference(reference)
     if ref.tag is None and ref.digest is None:
         ref = Reference(ref.host, ref.repository, "latest")
-    provider = RegistryProvider(ref, auth=auth, insecure=insecure, timeout=timeout)
+    provider = RegistryProvider(
+        ref, auth=auth, insecure=insecure, plain_http=plain_http, ca_file=ca_file, timeout=timeout
+    )
     where = str(ref)
     top, document = provider.manifest()
 
@@ -890,6 +882,8 @@ def push(
     force_compression: bool = False,
     auth: Credentials | tuple[str, str] | None = None,
     insecure: bool = False,
+    plain_http: bool = False,
+    ca_file: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     chunk_size: int | None = None,
     progress: ProgressCallback | None = None,
@@ -914,7 +908,9 @@ def push(
         target_ref = Reference(target_ref.host, target_ref.repository, "latest")
     remote = ref.get_remote(compression=compression, force_compression=force_compression)
     image = image_of(ref, remote)
-    session = _Session(target_ref, _as_credentials(auth), insecure, timeout)
+    session = _Session(
+        target_ref, _as_credentials(auth), _tls(insecure, plain_http, ca_file), timeout
+    )
     try:
         uploader = _Uploader(session, target_ref, chunk_size, progress)
         errors: list[BaseException] = []

@@ -23,6 +23,7 @@ Rules, as in the seed:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -57,6 +58,9 @@ _ESTARGZ_ANNOTATIONS: Final = (
 Session = Sequence[str]
 """The caller's session ids (BuildKit's `session.Group`), passed to the snapshotter as
 temporary labels; empty when the caller has none."""
+
+
+log = logging.getLogger(__name__)
 
 
 def remote_snapshot_labels(
@@ -189,11 +193,13 @@ def prepare_remote(rec: _Record, dhs: DescHandlers, session: Session, leased: Cl
             # The target is there, prepared remotely: the temporary labels it took over go.
             _remove_labels(leased, cm.snapshotter, snapshot_id, list(temporary))
             continue
-        except CacheError:
+        except CacheError as err:
             # Any other refusal also leaves this layer to the ordinary path.
+            log.info("remote snapshot of %s refused (%s); pulling it instead", snapshot_id, err)
             return
         # The snapshotter made an ordinary active snapshot: this layer, and those above it,
         # are pulled and applied instead.
+        log.info("no remote snapshot for %s; pulling and applying from here", snapshot_id)
         with contextlib.suppress(CacheError):
             sn.remove(key)
         return

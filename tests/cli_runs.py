@@ -40,6 +40,7 @@ class Cli:
         self.state = state
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The command with `--progress quiet`: its stderr holds errors only."""
         return run(
             "--address",
             self.daemon.address,
@@ -47,6 +48,8 @@ class Cli:
             self.namespace,
             "--state-dir",
             str(self.state),
+            "--progress",
+            "quiet",
             *args,
         )
 
@@ -57,4 +60,13 @@ class Cli:
         return out.stdout
 
     def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--format", "json"))
+        """The command's JSON document, less the `daemon` object, which is checked to name
+        the test's daemon."""
+        document = json.loads(self.ok(*args, "--format", "json"))
+        self.check_daemon(document.pop("daemon"))
+        return document
+
+    def check_daemon(self, daemon: Any) -> None:
+        assert daemon["address"] == self.daemon.address
+        assert daemon["embedded"] is False
+        assert ".".join(map(str, self.daemon.version)) in daemon["version"]

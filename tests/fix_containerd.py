@@ -97,6 +97,17 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_mount_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the run, no mount is left on the host under the run's temporary directories
+    (where the tests' state directories, and so their mount points, live)."""
+    yield
+    base = os.fsencode(tmp_path_factory.getbasetemp()) + b"/"
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        left = [line.split()[4] for line in mountinfo if line.split()[4].startswith(base)]
+    assert not left, f"mounts left on the host: {[os.fsdecode(m) for m in left]}"
+
+
 _counter = itertools.count()
 
 

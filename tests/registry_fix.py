@@ -223,15 +223,79 @@ class Registry:
         return f"http://{self.host}/v2/{path}"
 
 
+def make_tls(work: pathlib.Path, ip: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """A test certificate authority and a server certificate for `ip` it signed: the paths of
+    the CA's certificate, the server's certificate and the server's key (PEM)."""
+    import ipaddress
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key: rsa.RSAPrivateKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyctrd test CA")])
+    ca = (
+        build("pyctrd test CA", ca_key)
+        .issuer_name(ca_name)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        build(ip, key)
+        .issuer_name(ca_name)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (work / "ca.pem", work / "server.pem", work / "server-key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
 def _start_registry(
-    work: pathlib.Path, auth: str, tokens: TokenServer | None = None
+    work: pathlib.Path,
+    auth: str,
+    tokens: TokenServer | None = None,
+    *,
+    ip: str = "127.0.0.1",
+    tls: tuple[pathlib.Path, pathlib.Path] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Registry]:
     port = free_port()
+    http: dict[str, object] = {"addr": f"{ip}:{port}", "secret": uuid.uuid4().hex}
+    if tls is not None:
+        http["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
     config: dict[str, object] = {
         "version": 0.1,
         "log": {"level": "info"},
         "storage": {"filesystem": {"rootdirectory": str(work / "storage")}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex},
+        "http": http,
     }
     if auth == "htpasswd":
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
@@ -257,11 +321,13 @@ def _start_registry(
         stdin=subprocess.DEVNULL,
     )
     log.close()
-    registry = Registry(f"127.0.0.1:{port}", auth, tokens)
+    registry = Registry(f"{ip}:{port}", auth, tokens)
+    scheme = "https" if tls is not None else "http"
     deadline = time.monotonic() + 30
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://{registry.host}/v2/", timeout=2).status_code in (200, 401):
+            answer = httpx.get(f"{scheme}://{registry.host}/v2/", timeout=2, verify=False)
+            if answer.status_code in (200, 401):
                 return process, registry
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
@@ -312,6 +378,43 @@ def open_registry() -> Iterator[Registry]:
 def basic_registry() -> Iterator[Registry]:
     with _registry("htpasswd") as registry:
         yield registry
+
+
+@dataclass
+class TLSRegistry:
+    """An open registry over HTTPS with a certificate from a test CA (`ca_file`)."""
+
+    registry: Registry
+    ca_file: pathlib.Path
+
+
+@pytest.fixture(scope="session")
+def tls_registry() -> Iterator[TLSRegistry]:
+    if not os.path.exists(REGISTRY_BINARY):
+        pytest.fail("needs Debian's docker-registry (scripts/setup installs it)")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="registry-tls-", dir="/tmp"))
+    ca, cert, key = make_tls(work, "127.0.0.1")
+    process, registry = _start_registry(work, "none", tls=(cert, key))
+    try:
+        yield TLSRegistry(registry, ca)
+    finally:
+        stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def elsewhere_registry() -> Iterator[Registry]:
+    """An open plain-HTTP registry on 127.0.0.2: loopback for the network, but not one of the
+    host names the library treats as loopback, so it stands for another host."""
+    if not os.path.exists(REGISTRY_BINARY):
+        pytest.fail("needs Debian's docker-registry (scripts/setup installs it)")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="registry-2-", dir="/tmp"))
+    process, registry = _start_registry(work, "none", ip="127.0.0.2")
+    try:
+        yield registry
+    finally:
+        stop(process)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

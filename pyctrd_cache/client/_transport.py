@@ -5,6 +5,7 @@ This module and the service modules beside it are the only ones that touch grpc 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -15,7 +16,13 @@ from typing import Any, Final, TypeVar
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from ..errors import (
     AlreadyExistsError,
@@ -49,6 +56,8 @@ _CODE_CLASSES: Final[dict[grpc.StatusCode, tuple[type[CacheError], str]]] = {
     grpc.StatusCode.UNAVAILABLE: (UnavailableError, "containerd is unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (UnavailableError, "containerd did not answer in time"),
 }
+
+log = logging.getLogger(__name__)
 
 
 def map_rpc_error(err: grpc.RpcError, rpc: str) -> CacheError:
@@ -107,6 +116,14 @@ def to_datetime(ts: Timestamp) -> datetime | None:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
 
 
+def _log_retry(state: RetryCallState) -> None:
+    log.debug(
+        "containerd unavailable; retrying (attempt %d, %.1fs so far)",
+        state.attempt_number,
+        state.seconds_since_start or 0.0,
+    )
+
+
 class Transport:
     """A channel to one daemon plus the headers, deadlines and retry budget of a client.
 
@@ -123,6 +140,7 @@ class Transport:
         retry_budget: float,
         lease: str = "",
         channel: grpc.Channel | None = None,
+        closed: threading.Event | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.namespace = validate_namespace(namespace)
@@ -142,6 +160,8 @@ class Transport:
         )
         self._callables: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # Shared by the copies, like the channel.
+        self._closed = closed or threading.Event()
         headers = [(NAMESPACE_HEADER, self.namespace)]
         if lease:
             headers.append((LEASE_HEADER, lease))
@@ -157,10 +177,26 @@ class Transport:
             retry_budget=self.retry_budget,
             lease=lease,
             channel=self._channel,
+            closed=self._closed,
         )
 
     def close(self) -> None:
+        self._closed.set()
         self._channel.close()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise InvalidError(f"the client of containerd at {self.socket_path} is closed")
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Starts a call; one that meets the channel closed raises the project's error."""
+        self._check_open()
+        try:
+            return fn(*args, **kwargs)
+        except ValueError:
+            # grpc's "Cannot invoke RPC on closed channel!"
+            self._check_open()
+            raise
 
     def _callable(self, kind: str, path: str, response_type: type[Message]) -> Any:
         with self._lock:
@@ -180,6 +216,7 @@ class Transport:
             retry=retry_if_exception_type(Transient),
             stop=stop_after_delay(self.retry_budget),
             wait=wait_exponential(multiplier=0.05, max=1.0),
+            before_sleep=_log_retry,
             reraise=True,
         )
 
@@ -216,7 +253,7 @@ class Transport:
             for attempt in self.retrying():
                 with attempt:
                     try:
-                        result: R = fn(request, timeout=timeout, metadata=self.metadata)
+                        result: R = self._call(fn, request, timeout=timeout, metadata=self.metadata)
                         return result
                     except grpc.RpcError as err:
                         retried = attempt.retry_state.attempt_number > 1
@@ -237,7 +274,7 @@ class Transport:
         rpc = f"{service.rsplit('.', 1)[-1]}.{method}"
         fn = self._callable("unary_stream", f"/{service}/{method}", response_type)
         timeout = self.long_timeout if long else self.timeout
-        responses = fn(request, timeout=timeout, metadata=self.metadata)
+        responses = self._call(fn, request, timeout=timeout, metadata=self.metadata)
         try:
             yield from responses
         except grpc.RpcError as err:
@@ -268,7 +305,7 @@ class Transport:
         """Opens a bidirectional stream: its replies (errors mapped) and a cancel function."""
         rpc = f"{service.rsplit('.', 1)[-1]}.{method}"
         fn = self._callable("stream_stream", f"/{service}/{method}", response_type)
-        call = fn(requests, timeout=self.long_timeout, metadata=self.metadata)
+        call = self._call(fn, requests, timeout=self.long_timeout, metadata=self.metadata)
 
         def replies() -> Iterator[R]:
             try:

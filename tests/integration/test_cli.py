@@ -20,8 +20,14 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from pyctrd_cache import CachePolicy, Manager, ProgressEvent, RefInfo
-from pyctrd_cache._progress import ProgressBar, human_size, progress_bar, short_digest
+from pyctrd_cache import CachePolicy, InvalidError, Manager, ProgressEvent, RefInfo
+from pyctrd_cache._progress import (
+    PlainProgress,
+    ProgressBar,
+    human_size,
+    progress_bar,
+    short_digest,
+)
 from pyctrd_cache.cli import parse_duration, parse_size, split_layout
 from pyctrd_cache.client import Client
 from tests.cli_runs import Cli, one_line_error, run
@@ -73,7 +79,8 @@ def test_usage_error_exits_2() -> None:
 
 
 # The cache commands. The tests make records through the library on the same metadata store
-# (STATE_DIR/cache), closing the manager before the command runs: a store is locked while open.
+# (the state directory itself), closing the manager before the command runs: a store is locked
+# while open.
 
 
 @pytest.fixture
@@ -82,7 +89,7 @@ def cli(daemon: Daemon, namespace: str, tmp_path: pathlib.Path) -> Cli:
 
 
 def open_cache(managers: Managers, cli: Cli) -> Manager:
-    return managers.open(cli.state / "cache")
+    return managers.open(cli.state)
 
 
 def committed(
@@ -251,6 +258,7 @@ def test_inspect_prints_ref_info(managers: Managers, cli: Cli) -> None:
     cm.close()
 
     document = json.loads(cli.ok("inspect", child))
+    cli.check_daemon(document.pop("daemon"))
     assert list(document) == [f.name for f in dataclasses.fields(RefInfo)]
     assert document["id"] == child
     assert document["parent_id"] == base
@@ -580,13 +588,15 @@ def test_interrupt_exits_130(tmp_path: pathlib.Path) -> None:
     [
         ("100", 100),
         ("100b", 100),
-        ("10GB", 10 * 10**9),
-        ("10gb", 10 * 10**9),
-        ("1.5g", 1_500_000_000),
+        # Binary units whatever the spelling, as docker and buildx read sizes.
+        ("10GB", 10 << 30),
+        ("10gb", 10 << 30),
+        ("10GiB", 10 << 30),
+        ("1.5g", 3 << 29),
         ("512MiB", 512 << 20),
         ("512mi", 512 << 20),
         ("2 KiB", 2048),
-        ("1kB", 1000),
+        ("1kB", 1024),
         ("0.5TiB", 1 << 39),
         ("1.5", 1),
     ],
@@ -685,9 +695,44 @@ def test_progress_bar_gives_each_blob_one_finished_line() -> None:
     assert short_digest(digests[0]) == "sha256:000000000000"
 
 
-def test_progress_bar_only_on_a_terminal() -> None:
+def test_progress_modes() -> None:
+    """auto: the live bar on a terminal, one line per event elsewhere; quiet: nothing."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
     with progress_bar(io.StringIO()) as progress:
+        assert isinstance(progress, PlainProgress)
+    with progress_bar(Terminal()) as progress:
+        assert isinstance(progress, ProgressBar)
+    with progress_bar(Terminal(), "plain") as progress:
+        assert isinstance(progress, PlainProgress)
+    with progress_bar(io.StringIO(), "tty") as progress:
+        assert isinstance(progress, ProgressBar)
+    with progress_bar(Terminal(), "quiet") as progress:
         assert progress is None
+
+
+def test_plain_progress_writes_whole_lines_with_sizes_and_rates() -> None:
+    out = io.StringIO()
+    progress = PlainProgress(out, interval=0.0)
+    digest = "sha256:" + "ab" * 32
+    progress(ProgressEvent("start", digest, total=2_000_000))
+    progress(ProgressEvent("bytes", digest, current=1_000_000, total=2_000_000))
+    progress(ProgressEvent("status", digest, message=f"extracting {digest}"))
+    progress(ProgressEvent("end", digest, current=2_000_000, total=2_000_000))
+    progress(ProgressEvent("start", "sha256:" + "cd" * 32))
+    progress(ProgressEvent("end", "sha256:" + "cd" * 32, error=InvalidError("broken")))
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0] == "sha256:abababababab  started (2MB)"
+    assert lines[1].startswith("sha256:abababababab  1MB / 2MB  ")
+    assert lines[1].endswith("/s")
+    assert lines[2] == "sha256:abababababab  extracting"
+    assert lines[3].startswith("sha256:abababababab  done 2MB in ")
+    assert lines[5].startswith("sha256:cdcdcdcdcdcd  failed after ")
+    assert lines[5].endswith("broken")
 
 
 def _tar_with(name: str, *, link_to: str | None = None) -> bytes:

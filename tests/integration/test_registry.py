@@ -436,7 +436,7 @@ def test_plain_http_only_on_loopback_with_insecure() -> None:
 @pytest.fixture
 def _after_cli(managers: Managers, client: Client) -> Iterator[None]:
     yield
-    cm = managers.open(managers.state_dir / "cache")
+    cm = managers.open(managers.state_dir)
     cm.prune(PrunePolicy(all=True))
     gc(client)
 
