@@ -352,7 +352,7 @@ def _insecure_option(parser: argparse.ArgumentParser) -> None:
         type=_argument_type(_seconds),
         metavar="SECONDS",
         help="seconds a registry answer's body may take once its headers arrived; a blob "
-        "also gets its size at 64 KiB/s (default: $PYCTRD_HTTP_TIMEOUT, else 30)",
+        "also gets its size at 64 KiB/s (default: $PYCTRD_CACHE_HTTP_TIMEOUT, else 30)",
     )
 
 

@@ -23,7 +23,7 @@ Registries are not trusted (docs/security.md):
   `MAX_MANIFEST` for a manifest or index, `MAX_TOKEN_ANSWER` for a token server's answer,
   `MAX_ERROR_BODY` for an error body (longer ones are not read).
 - Every answer has a deadline: its body must have arrived `timeout` seconds
-  (`DEFAULT_TIMEOUT`, or `$PYCTRD_HTTP_TIMEOUT`) after its headers, a blob's its size at
+  (`DEFAULT_TIMEOUT`, or `$PYCTRD_CACHE_HTTP_TIMEOUT`) after its headers, a blob's its size at
   `MIN_THROUGHPUT` bytes a second later still. Connecting waits at most 10 s, and any one
   read (of the headers too) at most `timeout`.
 - A reference longer than `MAX_REFERENCE` characters, or carrying credentials
@@ -112,7 +112,7 @@ MAX_REFERENCE: Final = 255
 DEFAULT_TIMEOUT: Final = 30.0
 """Seconds an answer's body may take once its headers arrived (a blob's gets more, by
 `MIN_THROUGHPUT`), and the longest wait for any one read."""
-TIMEOUT_ENV: Final = "PYCTRD_HTTP_TIMEOUT"
+TIMEOUT_ENV: Final = "PYCTRD_CACHE_HTTP_TIMEOUT"
 """The environment variable that sets the timeout when the caller gives none."""
 MIN_THROUGHPUT: Final = 64 << 10
 """Bytes a second a blob must arrive at, at least: its deadline is the timeout plus its size
@@ -229,7 +229,7 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
 
 
 def timeout_from_environment() -> float:
-    """`$PYCTRD_HTTP_TIMEOUT` (seconds), else `DEFAULT_TIMEOUT`; `InvalidError` when it is
+    """`$PYCTRD_CACHE_HTTP_TIMEOUT` (seconds), else `DEFAULT_TIMEOUT`; `InvalidError` when it is
     not a positive number."""
     text = os.environ.get(TIMEOUT_ENV, "")
     if not text:
@@ -676,7 +676,7 @@ class RegistryProvider:
     files and helpers are asked (`pyctrd_cache.credentials`). `insecure` allows plain HTTP on
     loopback hosts, `plain_http` on any host; `ca_file` adds certificate authorities to the
     system's. `timeout` is the seconds an answer's body may take once its headers arrived
-    (default `$PYCTRD_HTTP_TIMEOUT`, else `DEFAULT_TIMEOUT`); a blob gets its size at
+    (default `$PYCTRD_CACHE_HTTP_TIMEOUT`, else `DEFAULT_TIMEOUT`); a blob gets its size at
     `MIN_THROUGHPUT` more. A stream that ends early, breaks or misses its deadline raises a
     `CacheError` naming the reference; the content store's commit rejects bytes that do not
     match the digest.

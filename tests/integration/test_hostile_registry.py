@@ -335,7 +335,7 @@ def test_encoded_bodies_within_the_caps_are_read(encoding: str) -> None:
 
 @pytest.fixture
 def short_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setenv("PYCTRD_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("PYCTRD_CACHE_HTTP_TIMEOUT", "1")
     return 1.0
 
 
