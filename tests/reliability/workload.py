@@ -236,7 +236,7 @@ def report_retries(fault: Callable[[], None]) -> None:
     def reporting(transport: Transport) -> Retrying:
         return retrying(transport).copy(before_sleep=lambda _: fault())
 
-    Transport.retrying = reporting  # type: ignore[method-assign]
+    Transport.retrying = reporting  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:
