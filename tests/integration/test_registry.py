@@ -44,8 +44,9 @@ from tests.checks import blob_count, gc, owned_leases, snapshot_names
 from tests.cli_runs import Cli, one_line_error
 from tests.fix_containerd import Daemon, Managers
 from tests.integration.test_oci import make_tree, tree_of
-from tests.layers import TAR_GZIP, digest_of, layer
+from tests.layers import TAR_GZIP, TAR_ZSTD, digest_of, layer
 from tests.registry_fix import PASSWORD, USER, Host, Registry, ScriptedRegistry, send
+from tests.stargz_fix import CountingProxy
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts, chown and mknod need root")
 needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
@@ -165,21 +166,45 @@ def test_push_then_lazy_pull_on_another_host(
 
 
 def test_chunked_push_and_zstd(
-    managers: Managers, other_host: Host, open_registry: Registry, tmp_path: pathlib.Path
+    managers: Managers,
+    other_host: Host,
+    open_registry: Registry,
+    registry_proxy: CountingProxy,
+    tmp_path: pathlib.Path,
 ) -> None:
     cm = managers.open()
     ref, want = chain(cm, tmp_path)
-    target = open_registry.ref("team/chunked:zst")
+    chunk = 256 << 10
     with ref:
-        push(
+        pushed = push(
             ref,
-            target,
+            registry_proxy.ref("team/chunked:zst"),
             insecure=True,
             compression=Compression.ZSTD,
             force_compression=True,
-            chunk_size=256 << 10,
+            chunk_size=chunk,
         )
-    pulled_tree_matches(other_host, target, want, insecure=True)
+    manifest = httpx.get(
+        open_registry.url(f"team/chunked/manifests/{pushed.digest}"),
+        headers={"Accept": OCI_MANIFEST},
+    ).json()
+    sizes = [layer["size"] for layer in manifest["layers"]]
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [TAR_ZSTD] * 2
+    assert all(size > chunk for size in sizes), sizes
+    # Each layer went up in PATCHes of at most `chunk` bytes that cover it in order.
+    patches = [r for r in registry_proxy.requests if r.method == "PATCH"]
+    spans = []
+    for request in patches:
+        assert request.content_range is not None, request
+        start, end = (int(n) for n in request.content_range.split("-"))
+        spans.append((start, end - start + 1))
+    assert len(patches) == sum(-(-size // chunk) for size in sizes)
+    assert all(length <= chunk for _, length in spans)
+    assert sorted(start for start, _ in spans) == sorted(
+        start for size in sizes for start in range(0, size, chunk)
+    )
+    assert sum(length for _, length in spans) == sum(sizes)
+    pulled_tree_matches(other_host, open_registry.ref("team/chunked:zst"), want, insecure=True)
 
 
 def test_pull_then_push_mounts_across_repositories(
