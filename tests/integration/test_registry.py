@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -49,7 +48,6 @@ from tests.registry_fix import PASSWORD, USER, Host, Registry, ScriptedRegistry,
 from tests.stargz_fix import CountingProxy
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts, chown and mknod need root")
-needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
 pytestmark = needs_root
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -134,7 +132,6 @@ def test_reference_without_host_or_malformed_is_invalid(text: str) -> None:
 # Two hosts in miniature, through a registry without auth.
 
 
-@needs_skopeo
 def test_push_then_lazy_pull_on_another_host(
     managers: Managers, other_host: Host, open_registry: Registry, tmp_path: pathlib.Path
 ) -> None:
@@ -251,7 +248,6 @@ def test_index_resolves_to_this_platform(
     pulled_tree_matches(other_host, open_registry.ref("team/multi:multi"), want, insecure=True)
 
 
-@needs_skopeo
 def test_pull_an_image_pushed_by_skopeo(
     managers: Managers, other_host: Host, open_registry: Registry, tmp_path: pathlib.Path
 ) -> None:
@@ -313,7 +309,6 @@ def test_basic_auth(
 # Token auth.
 
 
-@needs_skopeo
 def test_token_auth(
     managers: Managers,
     other_host: Host,
