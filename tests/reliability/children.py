@@ -57,6 +57,8 @@ class WorkloadChild:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if not line.endswith("\n"):
+                break  # cut off by the SIGKILL: only whole lines count
             word, *rest = line.split()
             if word == "ready":
                 self._ready.set()
