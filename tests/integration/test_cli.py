@@ -402,7 +402,7 @@ def test_prune_keep_duration(managers: Managers, cli: Cli) -> None:
     cm.get(recent).release()
     cm.close()
     # Last used two hours ago: an hour's margin either side of the durations asked below.
-    back_date(cli.state / "cache", old, timedelta(hours=2))
+    back_date(cli.state, old, timedelta(hours=2))
 
     assert cli.json("prune", "--keep-duration", "3h")["removed"] == []
     document = cli.json("prune", "--keep-duration", "1h")
