@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from containerd_api.services.snapshots.v1 import snapshots_pb2 as pb
 
+from ..errors import ContainerdError
 from ._convert import label_paths, mounts_from_pb
 from ._transport import Transport, to_datetime
 from .types import Mount, SnapshotInfo, SnapshotKind, Usage, frozen_labels
 
 SERVICE = "containerd.services.snapshots.v1.Snapshots"
+
+log = logging.getLogger(__name__)
+
+# containerd's overlayfs and native snapshotters name a new snapshot's directory by an id
+# from a sequence in their own bolt store, renaming the directory into place before that
+# store commits. A daemon killed between the two leaves the directory behind with the
+# sequence rolled back, so the next create meets it: that create fails with "failed to
+# rename ...: file exists" and, while failing, removes the stray directory (containerd
+# 1.6-2.1). Nothing of the failed create remains, so it is repeated, a bounded number of
+# times since each repetition can only meet a directory left by a later kill.
+_STRAY_DIRECTORY_RETRIES = 3
+
+
+def _stray_directory(err: ContainerdError) -> bool:
+    return "failed to rename" in err.message and "file exists" in err.message
+
+
+def _create(call: Callable[[], list[Mount]], key: str) -> list[Mount]:
+    for attempt in range(_STRAY_DIRECTORY_RETRIES):
+        try:
+            return call()
+        except ContainerdError as err:
+            if attempt + 1 == _STRAY_DIRECTORY_RETRIES or not _stray_directory(err):
+                raise
+            log.warning(
+                "snapshot %s met a directory left by a killed containerd, which removed it; "
+                "creating it again: %s",
+                key,
+                err.message,
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _info(info: pb.Info) -> SnapshotInfo:
@@ -41,10 +74,13 @@ class SnapshotsService:
         req = pb.PrepareSnapshotRequest(
             snapshotter=self.name, key=key, parent=parent, labels=dict(labels or {})
         )
-        return mounts_from_pb(
-            self._t.unary(
-                SERVICE, "Prepare", req, pb.PrepareSnapshotResponse, idempotent=False
-            ).mounts
+        return _create(
+            lambda: mounts_from_pb(
+                self._t.unary(
+                    SERVICE, "Prepare", req, pb.PrepareSnapshotResponse, idempotent=False
+                ).mounts
+            ),
+            key,
         )
 
     def view(
@@ -54,8 +90,13 @@ class SnapshotsService:
         req = pb.ViewSnapshotRequest(
             snapshotter=self.name, key=key, parent=parent, labels=dict(labels or {})
         )
-        return mounts_from_pb(
-            self._t.unary(SERVICE, "View", req, pb.ViewSnapshotResponse, idempotent=False).mounts
+        return _create(
+            lambda: mounts_from_pb(
+                self._t.unary(
+                    SERVICE, "View", req, pb.ViewSnapshotResponse, idempotent=False
+                ).mounts
+            ),
+            key,
         )
 
     def mounts(self, key: str) -> list[Mount]:

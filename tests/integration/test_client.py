@@ -395,3 +395,38 @@ def test_retry_budget_runs_out_with_unavailable(restarting: Daemon, client: Clie
     quick = Client(restarting.address, namespace=client.namespace, retry_budget=0.5)
     with quick, pytest.raises(UnavailableError, match=r"gave up after 0\.5s"):
         quick.leases.list()
+
+
+def _snapshot_dir(mounts: list[Mount]) -> pathlib.Path:
+    """The overlayfs snapshotter's directory of a new snapshot, from its mounts."""
+    (mount,) = mounts
+    if mount.type == "bind":
+        return pathlib.Path(mount.source).parent
+    (upper,) = [o.removeprefix("upperdir=") for o in mount.options if o.startswith("upperdir=")]
+    return pathlib.Path(upper).parent
+
+
+@pytest.mark.parametrize("create", ["prepare", "view"])
+def test_create_meets_a_directory_left_by_a_killed_daemon(
+    daemon: Daemon, client: Client, create: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The state a SIGKILL leaves between the snapshotter's rename and its store's commit: a
+    # directory under the next snapshot id, which the rolled-back sequence hands out again.
+    daemon.restartable()
+    sn = _lease(client).snapshots(SNAPSHOTTER)
+    first = _snapshot_dir(sn.prepare("first"))
+    stray = first.with_name(str(int(first.name) + 1))
+    (stray / "fs").mkdir(parents=True)
+    (stray / "fs" / "left-behind").write_text("from before the kill")
+    if create == "view":
+        sn.commit("base", "first")
+
+    caplog.set_level("WARNING", logger="pyctrd_cache.client.snapshots")
+    if create == "prepare":
+        assert _snapshot_dir(sn.prepare("second")) == stray
+    else:
+        sn.view("second", "base")  # mounts the parent's directory; its own is the stray id
+    assert (stray / "fs").is_dir()
+    assert not (stray / "fs" / "left-behind").exists()
+    assert sn.stat("second").name == "second"
+    assert "left by a killed containerd" in caplog.text
