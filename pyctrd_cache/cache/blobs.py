@@ -1,0 +1,1001 @@
+"""Blobs of records: lazy pulls, extraction, blob chains, remotes and compression variants
+(BuildKit's cache/blobs.go, remote.go, converter.go and the blob half of refs.go).
+
+Work that writes to containerd runs under a temporary lease until what it made is held by a
+record's own lease: a blob or snapshot is added to the record's lease before anything that
+depends on it is recorded, so the collector never takes something a record still needs.
+Every variant a record has is a resource of the record's (flat) lease, and is also linked
+from the original blob with a `containerd.io/gc.ref.content` label for holders whose leases
+are not flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import queue
+import re
+import tarfile
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
+
+from .. import _validate
+from .._streams import ChunkReader, ChunkWriter
+from ..client import Client, ContentWriter, Descriptor, LeaseResource, Mount
+from ..compression import (
+    OCI_LAYER,
+    Compression,
+    chain_id,
+    compressed_chunks,
+    decompressed_chunks,
+    detect,
+    from_descriptor,
+    media_type_for,
+    needs_conversion,
+    parse_digest,
+)
+from ..errors import (
+    AlreadyExistsError,
+    CacheError,
+    ContainerdError,
+    InvalidError,
+    NeedsRemoteProvidersError,
+    NoBlobsError,
+    NotFoundError,
+    UnavailableError,
+    UnimplementedError,
+)
+from ..estargz import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    EStargzLayer,
+    write_estargz,
+)
+from ..mounts import readonly_mounts
+from ..remote import DescHandler, DescHandlers, ProgressEvent, Remote
+from . import remote_snapshots
+from .remote_snapshots import Session
+
+if TYPE_CHECKING:
+    from ._core import Core
+    from .refs import ImmutableRef, MutableRef, _Record
+
+UNCOMPRESSED_LABEL: Final = "containerd.io/uncompressed"
+VARIANT_DIGEST_PREFIX: Final = "buildkit.io/compression/digest."
+VARIANT_ANNOTATION_PREFIX: Final = _validate.ANNOTATION_LABEL_PREFIX
+VARIANT_MEDIA_TYPE_LABEL: Final = "buildkit.io/compression/mediatype"
+VARIANT_GC_REF_PREFIX: Final = "containerd.io/gc.ref.content.buildkit.compression."
+CREATED_AT_ANNOTATION: Final = "buildkit/createdat"
+DISTRIBUTION_SOURCE_PREFIX: Final = "containerd.io/distribution.source."
+ESTARGZ_ANNOTATIONS: Final = (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION)
+_CHUNK: Final = 1 << 20
+_REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
+
+T = TypeVar("T")
+
+log = logging.getLogger("pyctrd_cache.blobs")
+
+
+def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
+    """Runs each function in a thread of its own and returns their results in order; the
+    first error is raised after all have finished.
+
+    Threads of their own, not a shared pool: these calls nest (a chain's extraction runs
+    inside a remote's computation), and a bounded pool would deadlock on itself.
+    """
+    if len(fns) == 1:
+        return [fns[0]()]
+    results: list[T | None] = [None] * len(fns)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
+
+
+class _Stopped(Exception):
+    """The consumer of `produced` went away."""
+
+
+def produced(run: Callable[[Callable[[T], None]], None], depth: int = 4) -> Generator[T]:
+    """The items `run` passes to the function it is given, produced by a thread of their own
+    at most `depth` ahead; an error of `run` is raised here. Closing the result stops `run`
+    at its next item."""
+    q: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, object]) -> None:
+        while True:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                q.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            try:
+                run(lambda item: put((True, item)))
+            except BaseException as err:
+                put((False, err))
+            else:
+                put((False, None))
+        except _Stopped:
+            return
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = q.get()
+            if not more:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def pipelined(items: Iterator[T], depth: int = 4) -> Generator[T]:
+    """The items of `items`, produced by a thread of their own at most `depth` ahead; an
+    error of the producer is raised here. Closing the result stops the producer."""
+
+    def run(put: Callable[[T], None]) -> None:
+        for item in items:
+            put(item)
+
+    return produced(run, depth)
+
+
+def diff_id_of(desc: Descriptor) -> str:
+    """The layer's uncompressed digest from its `containerd.io/uncompressed` annotation."""
+    value = desc.annotations.get(UNCOMPRESSED_LABEL)
+    if value is None:
+        raise InvalidError(f"missing {UNCOMPRESSED_LABEL} annotation for {desc.digest}")
+    return parse_digest(value, what=f"diff id of {desc.digest}")
+
+
+def filter_annotations_for_save(annotations: Mapping[str, str]) -> dict[str, str]:
+    """The annotations BuildKit keeps across restarts: eStargz's and the diff id."""
+    keep = (*ESTARGZ_ANNOTATIONS, UNCOMPRESSED_LABEL)
+    return {k: v for k, v in annotations.items() if k in keep}
+
+
+def variant_label(compression: Compression) -> str:
+    return VARIANT_DIGEST_PREFIX + compression.value
+
+
+def compression_of(media_type: str, annotations: Mapping[str, str] | None = None) -> Compression:
+    """The compression of a layer of `media_type` and `annotations` (eStargz is told from
+    its annotations); `InvalidError` for an unknown media type."""
+    compression = from_descriptor(media_type, annotations or {})
+    if compression is None:
+        raise InvalidError(f"unhandled layer media type {media_type!r}")
+    return compression
+
+
+def _notify(dh: DescHandler | None, event: ProgressEvent) -> None:
+    if dh is not None and dh.progress is not None:
+        dh.progress(event)
+
+
+@contextlib.contextmanager
+def temporary_lease(core: Core) -> Iterator[Client]:
+    """A client whose calls attach to a new lease of this manager, deleted on exit."""
+    lease_id = f"temp-{core.new_id()}"
+    leased = core.create_lease(lease_id, "temp")
+    try:
+        yield leased
+    finally:
+        with contextlib.suppress(UnavailableError):
+            core.drop_lease(lease_id)
+
+
+# Blob metadata in the content store.
+
+
+def blob_desc(core: Core, digest: str) -> Descriptor:
+    """A blob's descriptor as its labels record it; `NotFoundError` when there is no such
+    blob or it carries no media type label."""
+    info = core.client.content.info(digest)
+    media_type = info.labels.get(VARIANT_MEDIA_TYPE_LABEL)
+    if media_type is None:
+        raise NotFoundError(f"no media type is stored for {digest}")
+    annotations = {
+        k.removeprefix(VARIANT_ANNOTATION_PREFIX): v
+        for k, v in info.labels.items()
+        if k.startswith(VARIANT_ANNOTATION_PREFIX)
+    }
+    return Descriptor(media_type, info.digest, info.size, annotations)
+
+
+def oci_desc(rec: _Record, dhs: DescHandlers) -> Descriptor:
+    """The descriptor of the record's blob, with the annotations stored with the blob (or
+    given by its handler), the diff id and the creation time."""
+    md = rec.md
+    annotations: dict[str, str] = {}
+    try:
+        annotations.update(blob_desc(rec.core, md.blob).annotations)
+    except NotFoundError:
+        dh = dhs.get(md.blob)
+        if dh is not None:
+            annotations.update(filter_annotations_for_save(dh.annotations))
+    if md.diff_id:
+        annotations[UNCOMPRESSED_LABEL] = md.diff_id
+    if md.created_at is not None:
+        created = datetime.fromtimestamp(md.created_at / 1e9, tz=UTC)
+        annotations[CREATED_AT_ANNOTATION] = created.isoformat().replace("+00:00", "Z")
+    return Descriptor(md.media_type, md.blob, md.blob_size or 0, annotations)
+
+
+def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compression) -> None:
+    """Records `desc` as the `compression` variant of the record's blob: held by the
+    record's lease first, then labelled on both blobs so that it is found after a restart.
+    The caller does not hold the record lock."""
+    client = rec.core.client
+    client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
+    labels = {variant_label(compression): desc.digest}
+    if desc.digest != rec.md.blob:
+        labels[VARIANT_GC_REF_PREFIX + compression.value] = desc.digest
+    client.content.update_labels(rec.md.blob, labels)
+    variant = {VARIANT_MEDIA_TYPE_LABEL: desc.media_type}
+    for key, value in filter_annotations_for_save(desc.annotations).items():
+        variant[VARIANT_ANNOTATION_PREFIX + key] = value
+    client.content.update_labels(desc.digest, variant)
+    with rec.mu:
+        rec.invalidate_size()  # the size counts every variant
+
+
+def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
+    """The record's `compression` variant, found through the labels.
+
+    The variant is added to the record's lease before it is trusted, and checked to exist
+    after that, so a collection between the look-up and the use cannot take it
+    (moby/buildkit#2346). `NotFoundError` when there is none.
+    """
+    client = rec.core.client
+    digest = client.content.info(rec.md.blob).labels.get(variant_label(compression))
+    if digest is None:
+        raise NotFoundError(f"no {compression.value} variant of {rec.md.blob}")
+    client.leases.add_resource(rec.id, LeaseResource.content(digest))
+    try:
+        return blob_desc(rec.core, digest)
+    except NotFoundError:
+        client.leases.delete_resource(rec.id, LeaseResource.content(digest))
+        raise
+
+
+# Blobs and chain ids of records.
+
+
+def set_blob(rec: _Record, desc: Descriptor) -> None:
+    """Associates a blob already in the content store with the record (once)."""
+    _validate.descriptor(desc)
+    diff_id = diff_id_of(desc)
+    compression = compression_of(desc.media_type, desc.annotations)
+    rec.core.client.content.info(desc.digest)
+    with rec.mu:
+        if rec.md.blob:
+            return
+        rec.finalize()
+        rec.core.client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
+        rec.md.diff_id = diff_id
+        rec.md.blob = desc.digest
+        rec.md.media_type = desc.media_type
+        rec.md.blob_size = desc.size
+        rec.save()
+    add_compression_blob(rec, desc, compression)
+
+
+def set_chains(rec: _Record) -> None:
+    """Computes the chain id and blob chain id of a record whose parent has them."""
+    with rec.mu:
+        md = rec.md
+        if md.chain_id:
+            return
+        if not md.blob:
+            raise NoBlobsError(f"record {rec.id} has no blob")
+        layer_blob_chain = chain_id(md.blob, md.diff_id)
+        if rec.parent is None:
+            md.chain_id, md.blob_chain_id = md.diff_id, layer_blob_chain
+        else:
+            parent = rec.parent._rec.md
+            if not parent.chain_id or not parent.blob_chain_id:
+                raise InvalidError(f"parent {parent.id} of {rec.id} has no chain ids")
+            md.chain_id = chain_id(parent.chain_id, md.diff_id)
+            md.blob_chain_id = chain_id(parent.blob_chain_id, layer_blob_chain)
+        rec.save()
+
+
+def chain_of(ref: ImmutableRef) -> list[_Record]:
+    """The records of the ref's chain, parent first."""
+    recs = []
+    rec: _Record | None = ref._rec
+    while rec is not None:
+        recs.append(rec)
+        rec = rec.parent._rec if rec.parent is not None else None
+    return recs[::-1]
+
+
+def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
+    """The blobs of `recs` whose snapshots are not made yet, are not here, and have no
+    handler."""
+    return [r.md.blob for r in recs if r.md.blob not in dhs and r.snapshot_lazy()]
+
+
+# Pulling lazy blobs.
+
+
+class _ProviderReader(io.RawIOBase):
+    """The blob `desc` from its handler's provider, checked as it streams.
+
+    A thread of its own opens and reads the provider, so that a provider that makes no
+    progress for the handler's `stall_timeout` fails the pull with `UnavailableError`
+    (`stalled` is then set; the blocked thread is abandoned and closes the stream if it ever
+    returns). More bytes than the descriptor's size fail as soon as they arrive; a stream
+    that ends short of the size, or whose bytes hash to another digest, fails at its end.
+    Both are `InvalidError`, raised before containerd is asked to commit.
+    """
+
+    def __init__(self, desc: Descriptor, dh: DescHandler) -> None:
+        super().__init__()
+        self._desc = desc
+        self._dh = dh
+        self._hash = hashlib.sha256()
+        self._count = 0
+        self._buffer = memoryview(b"")
+        self._items: queue.Queue[bytes | BaseException] = queue.Queue(4)
+        self._stop = threading.Event()
+        self.stalled = False
+        threading.Thread(target=self._produce, daemon=True).start()
+
+    def _put(self, item: bytes | BaseException) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            stream = self._dh.provider.open(self._desc)
+        except BaseException as err:
+            self._put(err)
+            return
+        try:
+            with stream:
+                while self._put(chunk := stream.read(_CHUNK)) and chunk:
+                    pass
+        except BaseException as err:
+            self._put(err)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        desc = self._desc
+        if not self._buffer:
+            try:
+                item = self._items.get(timeout=self._dh.stall_timeout)
+            except queue.Empty:
+                self.stalled = True
+                raise UnavailableError(
+                    f"provider of {desc.digest} made no progress for "
+                    f"{self._dh.stall_timeout:g} s (after {self._count} of {desc.size} bytes)"
+                ) from None
+            if isinstance(item, CacheError):
+                raise item
+            if isinstance(item, BaseException):
+                raise CacheError(f"provider of {desc.digest} failed: {item}") from item
+            if not item:
+                self._check_end()
+                return 0
+            self._count += len(item)
+            if self._count > desc.size:
+                raise InvalidError(
+                    f"provider sent more than the {desc.size} bytes of {desc.digest}"
+                )
+            self._hash.update(item)
+            self._buffer = memoryview(item)
+            _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
+        n = min(len(buffer), len(self._buffer))
+        buffer[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def _check_end(self) -> None:
+        desc = self._desc
+        if self._count != desc.size:
+            raise InvalidError(
+                f"provider of {desc.digest} ended after {self._count} bytes, short of its "
+                f"size {desc.size}"
+            )
+        seen = "sha256:" + self._hash.hexdigest()
+        if seen != desc.digest:
+            raise InvalidError(f"provider sent bytes of digest {seen}, not of {desc.digest}")
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
+
+
+def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
+    """Copies a lazy blob from its provider into the content store, under the record's lease.
+
+    Concurrent calls for one digest share one copy. The bytes are checked against the
+    descriptor as they stream (`_ProviderReader`), and containerd's commit checks them again;
+    on any failure the ingest is aborted, so nothing is left.
+    """
+    core = rec.core
+    core.flight.do(f"unlazy-{desc.digest}", lambda: _unlazy(rec, desc, dh))
+
+
+def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
+    core = rec.core
+    if not rec.blob_missing():
+        return
+    if dh is None:
+        raise NeedsRemoteProvidersError([desc.digest])
+    ingest = f"unlazy-{desc.digest}"
+    content = core.client.with_lease(rec.id).content
+    _notify(dh, ProgressEvent("start", desc.digest, 0, desc.size))
+    reader = _ProviderReader(desc, dh)
+    try:
+        try:
+            with reader:
+                content.write(ingest, reader, expected=desc.digest, size=desc.size)  # type: ignore[arg-type]
+        except CacheError as err:
+            # An unreachable daemon cannot abort; a stalled provider leaves it reachable.
+            if reader.stalled or not isinstance(err, UnavailableError):
+                with contextlib.suppress(CacheError):
+                    core.client.content.abort(ingest)
+            raise
+    except BaseException as err:
+        _notify(dh, ProgressEvent("end", desc.digest, 0, desc.size, error=err))
+        raise
+    _notify(dh, ProgressEvent("end", desc.digest, desc.size, desc.size))
+    with rec.mu:
+        if rec.md.image_refs and not rec.md.description:
+            rec.md.description = f"pulled from {rec.md.image_refs[0]}"
+            rec.save()
+    add_compression_blob(rec, desc, compression_of(desc.media_type, desc.annotations))
+
+
+# Extraction.
+
+
+def extract(ref: ImmutableRef, session: Session = ()) -> None:
+    """Makes the snapshots of the ref's whole chain exist: every lazy blob is pulled
+    concurrently, and each layer is applied as soon as its parent is ready and its own blob
+    is here. In the stargz mode, the layers the snapshotter can mount from the registry are
+    prepared as remote snapshots first, and are neither pulled nor applied."""
+    if not ref._rec.md.blob_only:
+        return
+    core = ref._rec.core
+    dhs = ref.desc_handlers
+    with temporary_lease(core) as leased, remote_snapshots.remote_labels(ref._rec, dhs, session):
+        if core.snapshotter == remote_snapshots.STARGZ_SNAPSHOTTER:
+            core.flight.do(
+                f"prepare-remote-{ref.id}",
+                lambda: remote_snapshots.prepare_remote(ref._rec, dhs, session, leased),
+            )
+        todo = [
+            r
+            for r in chain_of(ref)
+            if r.md.blob_only
+            and not remote_snapshots.is_remote(leased, core.snapshotter, r.md.snapshot_id)
+            and not _extracted_already(r, leased)
+        ]
+        pulls: list[threading.Thread] = []
+        errors: dict[str, BaseException] = {}
+        done: dict[str, threading.Event] = {}
+
+        def pull(r: _Record) -> None:
+            try:
+                unlazy(r, oci_desc(r, dhs), dhs.get(r.md.blob))
+            except BaseException as err:
+                errors[r.id] = err
+            finally:
+                done[r.id].set()
+
+        for r in todo:
+            done[r.id] = threading.Event()
+            t = threading.Thread(target=pull, args=(r,), daemon=True)
+            t.start()
+            pulls.append(t)
+        try:
+            for r in todo:
+                done[r.id].wait()
+                if r.id in errors:
+                    raise errors[r.id]
+                core.flight.do(f"extract-{r.id}", lambda r=r: _apply_layer(r, dhs, leased))  # type: ignore[misc]
+        finally:
+            for t in pulls:
+                t.join()
+
+
+def _extracted_already(rec: _Record, leased: Client) -> bool:
+    """Whether the snapshot a blob-only record would make exists (another record of the same
+    chain made it); the record then takes it without its blob being pulled."""
+    try:
+        leased.snapshots(rec.core.snapshotter).stat(rec.md.snapshot_id)
+    except NotFoundError:
+        return False
+    _mark_extracted(rec)
+    return True
+
+
+def _mark_extracted(rec: _Record) -> None:
+    with rec.mu:
+        rec.md.blob_only = False
+        rec.save()
+        rec.invalidate_size()
+
+
+def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
+    core = rec.core
+    sn = leased.snapshots(core.snapshotter)
+    with contextlib.suppress(NotFoundError):
+        sn.stat(rec.md.snapshot_id)
+        return
+    desc = oci_desc(rec, dhs)
+    dh = dhs.get(desc.digest)
+    _notify(dh, ProgressEvent("status", desc.digest, message=f"extracting {desc.digest}"))
+    key = f"extract-{core.new_id()} {rec.md.chain_id}"
+    parent = rec.parent._rec.md.snapshot_id if rec.parent is not None else ""
+    mounts = sn.prepare(key, parent)
+    try:
+        applied = apply_checked(core, leased, desc, mounts)
+        if applied.digest != rec.md.diff_id:
+            raise InvalidError(
+                f"layer {desc.digest} unpacks to {applied.digest}, not to its diff id "
+                f"{rec.md.diff_id}"
+            )
+        try:
+            sn.commit(rec.md.snapshot_id, key)
+        except AlreadyExistsError:
+            sn.remove(key)
+    except BaseException:
+        with contextlib.suppress(CacheError):
+            sn.remove(key)
+        raise
+    _mark_extracted(rec)
+
+
+# Creating blobs and remotes.
+
+
+def get_remote(
+    ref: ImmutableRef,
+    *,
+    create_if_needed: bool,
+    compression: Compression,
+    force_compression: bool,
+) -> Remote:
+    """The descriptors of the ref's chain, parent first, creating missing blobs through
+    containerd's diff service and converting to `compression` when forced; without force, a
+    `compression` variant made before is served in place of the blob."""
+    core = ref._rec.core
+    dhs = ref.desc_handlers
+    with temporary_lease(core) as leased:
+        ref.finalize()
+        chain = chain_of(ref)
+        use_variant = run_parallel(
+            [
+                lambda r=r: _ensure_blob(  # type: ignore[misc]
+                    r, dhs, leased, create_if_needed, compression, force_compression
+                )
+                for r in chain
+            ]
+        )
+        for r in chain:
+            set_chains(r)
+        descriptors = []
+        for r, variant in zip(chain, use_variant, strict=True):
+            desc = oci_desc(r, dhs)
+            if r.is_lazy():
+                desc = _with_distribution_sources(desc, r.md.image_refs)
+            if (force_compression or variant) and needs_conversion(
+                desc.media_type, desc.annotations, compression
+            ):
+                try:
+                    blob = get_compression_blob(r, compression)
+                except NotFoundError:
+                    raise CacheError(
+                        f"no {compression.value} variant of {desc.digest} was made"
+                    ) from None
+                desc = replace(
+                    desc,
+                    media_type=blob.media_type,
+                    digest=blob.digest,
+                    size=blob.size,
+                    annotations={**desc.annotations, **blob.annotations},
+                )
+            descriptors.append(desc)
+    entries = {d.digest: (r, d) for r, d in zip(chain, descriptors, strict=True)}
+    provider = _RemoteProvider(core, entries, dhs)
+    return Remote(descriptors, provider, provider.unlazy_all)
+
+
+def _ensure_blob(
+    rec: _Record,
+    dhs: DescHandlers,
+    leased: Client,
+    create_if_needed: bool,
+    compression: Compression,
+    force: bool,
+) -> bool:
+    """Gives the record a blob (and the forced variant); whether the remote should serve
+    the `compression` variant rather than the blob itself: when forced, when the blob had to
+    be made in another compression, or when the variant exists already (serving it converts
+    nothing, and the same request gets the same layer every time)."""
+    core = rec.core
+    made_other = core.flight.do(
+        f"blob-{rec.id}-{create_if_needed}",
+        lambda: _create_blob(rec, dhs, leased, create_if_needed, compression),
+    )
+    use_variant = force or made_other or _has_variant(rec, dhs, compression)
+    if use_variant:
+        ensure_compression(rec, dhs, leased, compression)
+    return use_variant
+
+
+def _has_variant(rec: _Record, dhs: DescHandlers, compression: Compression) -> bool:
+    """Whether the record's blob is not of `compression` but a variant of it is recorded."""
+    desc = oci_desc(rec, dhs)
+    if not needs_conversion(desc.media_type, desc.annotations, compression):
+        return False
+    try:
+        labels = rec.core.client.content.info(rec.md.blob).labels
+    except NotFoundError:
+        return False  # lazy: no variant was made from it here
+    return variant_label(compression) in labels
+
+
+def _create_blob(
+    rec: _Record,
+    dhs: DescHandlers,
+    leased: Client,
+    create_if_needed: bool,
+    compression: Compression,
+) -> bool:
+    """Makes the record's blob with the diff service unless it has one; whether it was made
+    in another compression than `compression`: gzip for eStargz, which the diff service
+    cannot write, and for zstd on a daemon that cannot write zstd."""
+    if rec.md.blob:
+        return False
+    if not create_if_needed:
+        raise NoBlobsError(f"record {rec.id} has no blob")
+    core = rec.core
+    sn = leased.snapshots(core.snapshotter)
+    views: list[str] = []
+    lower = []
+    try:
+        if rec.parent is not None:
+            extract(rec.parent)
+            views.append(f"diff-lower-{core.new_id()}")
+            lower = sn.view(views[-1], rec.parent._rec.md.snapshot_id)
+        with rec.mu:
+            if rec.equal_mutable is not None:
+                upper = readonly_mounts(sn.mounts(rec.equal_mutable._rec.md.snapshot_id))
+            else:
+                views.append(f"diff-upper-{core.new_id()}")
+                upper = sn.view(views[-1], rec.md.snapshot_id)
+        media_type = media_type_for(compression)
+        made_other = compression is Compression.ESTARGZ
+        try:
+            desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+        except UnimplementedError:
+            if compression is not Compression.ZSTD:
+                raise
+            log.info("containerd cannot write zstd; making the blob of %s in gzip", rec.id)
+            made_other = True
+            media_type = media_type_for(Compression.GZIP)
+            desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+    finally:
+        # Views go at once, so that no snapshot outlives the work as a child of the chain's.
+        for view in views:
+            with contextlib.suppress(CacheError):
+                sn.remove(view)
+    labels = leased.content.info(desc.digest).labels
+    diff_id = labels.get(UNCOMPRESSED_LABEL) or (desc.digest if media_type == OCI_LAYER else "")
+    if not diff_id:
+        raise CacheError(f"containerd did not record the uncompressed digest of {desc.digest}")
+    set_blob(rec, Descriptor(media_type, desc.digest, desc.size, {UNCOMPRESSED_LABEL: diff_id}))
+    return made_other
+
+
+def ensure_compression(
+    rec: _Record, dhs: DescHandlers, leased: Client, compression: Compression
+) -> None:
+    """Makes sure the record has a `compression` variant (a lazy blob that already is of
+    that compression stays lazy)."""
+    core = rec.core
+
+    def ensure() -> None:
+        desc = oci_desc(rec, dhs)
+        if not needs_conversion(desc.media_type, desc.annotations, compression):
+            if not rec.is_lazy():
+                add_compression_blob(rec, desc, compression)
+            return
+        with contextlib.suppress(NotFoundError):
+            get_compression_blob(rec, compression)
+            return
+        unlazy(rec, desc, dhs.get(desc.digest))
+        variant = convert(core, leased, desc, compression, rec.md.diff_id)
+        add_compression_blob(rec, variant, compression)
+        log.debug("made the %s variant %s of %s", compression.value, variant.digest, desc.digest)
+
+    core.flight.do(f"compress-{rec.id}-{compression.value}", ensure)
+
+
+def commit_written(
+    leased: Client, writer: ContentWriter, *, size: int, digest: str, labels: Mapping[str, str]
+) -> None:
+    """Commits what was written, whose digest the caller computed as it wrote.
+
+    The commit names no expected digest: when the blob is already in the namespace,
+    containerd then answers "already exists" after committing, with the blob added to the
+    lease of the call (with an expected digest it would refuse before, leaving an unleased
+    blob to the collector). The labels are set on an existing blob too.
+    """
+    try:
+        committed = writer.commit(size=size, expected="", labels=labels)
+    except AlreadyExistsError:
+        if labels:
+            leased.content.update_labels(digest, labels)
+        return
+    if committed != digest:
+        raise CacheError(
+            f"containerd committed {committed}, but the bytes written hash to {digest}"
+        )
+
+
+def convert(
+    core: Core, leased: Client, desc: Descriptor, target: Compression, diff_id: str
+) -> Descriptor:
+    """Streams the blob `desc` out of the content store, decompresses it, checks that it
+    unpacks to `diff_id`, recompresses it as `target` and writes it back.
+
+    An eStargz layer unpacks to a tar of its own (the landmark first, the table of contents
+    last): its descriptor and its `containerd.io/uncompressed` label carry that tar's digest,
+    and the descriptor the eStargz annotations.
+    """
+    source = compression_of(desc.media_type)
+    uncompressed = hashlib.sha256()
+    compressed = hashlib.sha256()
+    estargz_layers: list[EStargzLayer] = []
+
+    def tee() -> Iterator[bytes]:
+        for chunk in decompressed_chunks(core.client.content.read(desc.digest), source):
+            uncompressed.update(chunk)
+            yield chunk
+
+    def write_layer(put: Callable[[bytes], None]) -> None:
+        with contextlib.closing(pipelined(tee())) as chunks:
+            tar = io.BufferedReader(ChunkReader(chunks), _CHUNK)
+            sink = io.BufferedWriter(ChunkWriter(put), _CHUNK)
+            estargz_layers.append(write_estargz(tar, sink))
+            sink.flush()
+            # The writer stops at the end-of-archive marker: the rest still counts for the
+            # diff id check.
+            while tar.read(_CHUNK):
+                pass
+
+    def compress() -> Iterator[bytes]:
+        chunks: Iterator[bytes]
+        if target is Compression.ESTARGZ:
+            chunks = produced(write_layer)
+        else:
+            chunks = compressed_chunks(pipelined(tee()), target)
+        for chunk in chunks:
+            compressed.update(chunk)
+            yield chunk
+
+    ingest = f"convert-{desc.digest}-{target.value}"
+    size = 0
+    with leased.content.writer(ingest) as writer:
+        if writer.offset:
+            writer.truncate()
+        try:
+            # Reading and decompressing, compressing, and writing run in threads of their own
+            # (eStargz in one more: its writer pulls the tar): the codecs and the hashes
+            # release the GIL, so the stages overlap on several cores.
+            for chunk in pipelined(compress()):
+                size += len(chunk)
+                writer.write(chunk)
+            seen = "sha256:" + uncompressed.hexdigest()
+            if seen != diff_id:
+                raise InvalidError(
+                    f"layer {desc.digest} decompresses to {seen}, not to its diff id {diff_id}"
+                )
+            digest = "sha256:" + compressed.hexdigest()
+            if estargz_layers:
+                annotations = estargz_layers[0].annotations()
+            else:
+                annotations = {UNCOMPRESSED_LABEL: diff_id}
+            labels = (
+                {}
+                if target is Compression.UNCOMPRESSED
+                else {UNCOMPRESSED_LABEL: annotations[UNCOMPRESSED_LABEL]}
+            )
+            commit_written(leased, writer, size=size, digest=digest, labels=labels)
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(CacheError):
+                leased.content.abort(ingest)
+            raise
+    return Descriptor(media_type_for(target), digest, size, annotations)
+
+
+def _with_distribution_sources(desc: Descriptor, image_refs: Sequence[str]) -> Descriptor:
+    """Adds `containerd.io/distribution.source.<host>` = repositories, for image refs that
+    name their registry host."""
+    annotations = dict(desc.annotations)
+    for image_ref in image_refs:
+        host, _, rest = image_ref.partition("/")
+        if not rest or not _REGISTRY_HOST.match(host):
+            continue
+        if not ("." in host or ":" in host or host == "localhost"):
+            continue
+        repository = rest.split("@", 1)[0].rsplit(":", 1)[0] if ":" in rest else rest.split("@")[0]
+        key = DISTRIBUTION_SOURCE_PREFIX + host.split(":")[0]
+        repos = [r for r in annotations.get(key, "").split(",") if r]
+        if repository not in repos:
+            repos.append(repository)
+        annotations[key] = ",".join(repos)
+    return replace(desc, annotations=annotations)
+
+
+class _RemoteProvider:
+    """Serves a remote's descriptors from the content store, pulling lazy ones first."""
+
+    def __init__(
+        self, core: Core, entries: Mapping[str, tuple[_Record, Descriptor]], dhs: DescHandlers
+    ) -> None:
+        self._core = core
+        self._entries = entries
+        self._dhs = dhs
+
+    def _unlazy(self, digest: str) -> None:
+        rec, desc = self._entries[digest]
+        if desc.digest == rec.md.blob:
+            unlazy(rec, desc, self._dhs.get(desc.digest))
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        if desc.digest not in self._entries:
+            raise NotFoundError(f"blob {desc.digest} is not part of this remote")
+        self._unlazy(desc.digest)
+        return io.BufferedReader(self._core.client.content.open(desc.digest), _CHUNK)
+
+    def unlazy_all(self) -> None:
+        run_parallel([lambda d=d: self._unlazy(d) for d in self._entries])  # type: ignore[misc]
+
+
+# Writing layers into mutable snapshots.
+
+
+def apply_layer(
+    ref: MutableRef, layer: bytes | BinaryIO | Descriptor, media_type: str | None
+) -> None:
+    """Writes a layer tar into the mutable snapshot through containerd's diff service; the
+    blob is held only by a temporary lease."""
+    rec = ref._rec
+    core = rec.core
+    if isinstance(layer, Descriptor):
+        layer = _validate.descriptor(
+            layer if media_type is None else replace(layer, media_type=media_type)
+        )
+        compression_of(layer.media_type)
+    with temporary_lease(core) as leased:
+        if isinstance(layer, Descriptor):
+            desc = layer
+            leased.content.info(desc.digest)
+            leased.leases.add_resource(leased.lease, LeaseResource.content(desc.digest))
+        else:
+            desc = _write_layer(core, leased, layer, media_type)
+        with rec.mu:
+            mounts = leased.snapshots(core.snapshotter).mounts(rec.md.snapshot_id)
+            apply_checked(core, leased, desc, mounts)
+            rec.invalidate_size()
+
+
+def apply_checked(core: Core, leased: Client, desc: Descriptor, mounts: list[Mount]) -> Descriptor:
+    """Applies a layer with containerd's diff service; what it applied.
+
+    containerd refuses a member whose path goes through a symbolic link that resolves, inside
+    the snapshot, back into itself (`etc -> /etc` followed by `etc/passwd`), or a hard link
+    through one, with a bare "too many links": that refusal becomes an `InvalidError` naming
+    the member, the same for imports and for extractions of pulled layers.
+    """
+    try:
+        return leased.diff.apply(desc, mounts)
+    except ContainerdError as err:
+        if "too many links" not in str(err):
+            raise
+        culprit = _member_through_symlink(core, desc)
+        raise InvalidError(
+            f"layer {desc.digest} cannot be applied: "
+            + (culprit or "a member goes through a symbolic link of a lower layer")
+            + " that loops inside the snapshot (containerd: too many links)"
+        ) from err
+
+
+def _member_through_symlink(core: Core, desc: Descriptor) -> str:
+    """Names the first member of the layer whose path, or hard link target, goes through a
+    symbolic link the layer itself made; "" when there is none."""
+    links: dict[str, str] = {}
+    chunks = decompressed_chunks(
+        core.client.content.read(desc.digest), compression_of(desc.media_type)
+    )
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), _CHUNK), mode="r|") as tar:
+        for member in tar:
+            name = member.name.strip("/")
+            paths = [name] + ([member.linkname.strip("/")] if member.islnk() else [])
+            for path in paths:
+                parts = path.split("/")
+                through = next(
+                    (p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in links),
+                    None,
+                )
+                if through is not None:
+                    what = f"member {member.name!r}"
+                    if path != name:
+                        what = f"hard link {member.name!r} (to {member.linkname!r})"
+                    return (
+                        f"{what} goes through the symbolic link {through!r} -> {links[through]!r}"
+                    )
+            if member.issym():
+                links[name] = member.linkname
+    return ""
+
+
+def _write_layer(
+    core: Core, leased: Client, layer: bytes | BinaryIO, media_type: str | None
+) -> Descriptor:
+    stream: BinaryIO = io.BytesIO(layer) if isinstance(layer, bytes | bytearray) else layer
+    head = stream.read(4)
+    if media_type is None:
+        media_type = media_type_for(detect(head))
+    compression_of(media_type)
+    digest = hashlib.sha256()
+    size = 0
+    ingest = f"apply-{core.new_id()}"
+    with leased.content.writer(ingest) as writer:
+        try:
+            chunk = head
+            while chunk:
+                digest.update(chunk)
+                size += len(chunk)
+                writer.write(chunk)
+                chunk = stream.read(_CHUNK)
+            expected = "sha256:" + digest.hexdigest()
+            commit_written(leased, writer, size=size, digest=expected, labels={})
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(CacheError):
+                leased.content.abort(ingest)
+            raise
+    return Descriptor(media_type, expected, size)
