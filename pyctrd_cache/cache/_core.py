@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final
@@ -53,20 +54,39 @@ class Core:
         self.mu = threading.Lock()
         self.records: dict[str, _Record] = {}
         self.flight = SingleFlight()
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
+        # The background remover: one thread, since a removal holds the manager lock.
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyctrd-cache")
         self._background: set[Future[None]] = set()
         self._closed = False
+        self._working = 0
+        self._idle = threading.Condition(self.mu)
 
     def close(self) -> bool:
-        """Marks the core closed and waits for background work; False when it was already
-        closed. Closed before the executor stops, so that work racing with close meets the
-        project's error, never the executor's."""
+        """Marks the core closed and waits for the work under way (`working`) and for
+        background removals; False when it was already closed. Closed before the remover
+        stops, so that work racing with close meets the project's error, never the
+        executor's."""
         with self.mu:
             if self._closed:
                 return False
             self._closed = True
-        self.executor.shutdown(wait=True)
+            self._idle.wait_for(lambda: not self._working)
+        self._remover.shutdown(wait=True)
         return True
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """Work of the caller's that `close` waits for; `InvalidError` once closed. The
+        manager lock must not be held."""
+        with self.mu:
+            self.check_open()
+            self._working += 1
+        try:
+            yield
+        finally:
+            with self.mu:
+                self._working -= 1
+                self._idle.notify_all()
 
     def check_open(self) -> None:
         if self._closed:
@@ -119,7 +139,7 @@ class Core:
                     rec.remove(remove_snapshot=True)
 
         try:
-            future = self.executor.submit(remove)
+            future = self._remover.submit(remove)
         except RuntimeError:
             # The manager closed meanwhile: the row is marked deleted, `open` finishes it.
             _log.debug("manager closed: the removal of %s is left to the next open", rec.id)

@@ -19,13 +19,14 @@ import queue
 import re
 import tarfile
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 from .. import _validate
 from .._streams import ChunkReader, ChunkWriter
+from .._tasks import TaskGroup, detached, pipelined, produced, run_all, unwrapped
 from ..client import Client, ContentWriter, Descriptor, LeaseResource, Mount
 from ..compression import (
     OCI_LAYER,
@@ -76,95 +77,7 @@ ESTARGZ_ANNOTATIONS: Final = (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATIO
 _CHUNK: Final = 1 << 20
 _REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
 
-T = TypeVar("T")
-
 log = logging.getLogger("pyctrd_cache.blobs")
-
-
-def run_parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
-    """Runs each function in a thread of its own and returns their results in order; the
-    first error is raised after all have finished.
-
-    Threads of their own, not a shared pool: these calls nest (a chain's extraction runs
-    inside a remote's computation), and a bounded pool would deadlock on itself.
-    """
-    if len(fns) == 1:
-        return [fns[0]()]
-    results: list[T | None] = [None] * len(fns)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results  # type: ignore[return-value]
-
-
-class _Stopped(Exception):
-    """The consumer of `produced` went away."""
-
-
-def produced(run: Callable[[Callable[[T], None]], None], depth: int = 4) -> Generator[T]:
-    """The items `run` passes to the function it is given, produced by a thread of their own
-    at most `depth` ahead; an error of `run` is raised here. Closing the result stops `run`
-    at its next item."""
-    q: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[bool, object]) -> None:
-        while True:
-            if stop.is_set():
-                raise _Stopped
-            try:
-                q.put(entry, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def produce() -> None:
-        try:
-            try:
-                run(lambda item: put((True, item)))
-            except BaseException as err:
-                put((False, err))
-            else:
-                put((False, None))
-        except _Stopped:
-            return
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            more, item = q.get()
-            if not more:
-                if isinstance(item, BaseException):
-                    raise item
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join()
-
-
-def pipelined(items: Iterator[T], depth: int = 4) -> Generator[T]:
-    """The items of `items`, produced by a thread of their own at most `depth` ahead; an
-    error of the producer is raised here. Closing the result stops the producer."""
-
-    def run(put: Callable[[T], None]) -> None:
-        for item in items:
-            put(item)
-
-    return produced(run, depth)
 
 
 def diff_id_of(desc: Descriptor) -> str:
@@ -349,12 +262,12 @@ def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
 class _ProviderReader(io.RawIOBase):
     """The blob `desc` from its handler's provider, checked as it streams.
 
-    A thread of its own opens and reads the provider, so that a provider that makes no
-    progress for the handler's `stall_timeout` fails the pull with `UnavailableError`
-    (`stalled` is then set; the blocked thread is abandoned and closes the stream if it ever
-    returns). More bytes than the descriptor's size fail as soon as they arrive; a stream
-    that ends short of the size, or whose bytes hash to another digest, fails at its end.
-    Both are `InvalidError`, raised before containerd is asked to commit.
+    A detached task (`_tasks.detached`) opens and reads the provider, so that a provider
+    that makes no progress for the handler's `stall_timeout` fails the pull with
+    `UnavailableError` (`stalled` is then set; the blocked task is abandoned and closes the
+    stream if it ever returns). More bytes than the descriptor's size fail as soon as they
+    arrive; a stream that ends short of the size, or whose bytes hash to another digest,
+    fails at its end. Both are `InvalidError`, raised before containerd is asked to commit.
     """
 
     def __init__(self, desc: Descriptor, dh: DescHandler) -> None:
@@ -367,7 +280,7 @@ class _ProviderReader(io.RawIOBase):
         self._items: queue.Queue[bytes | BaseException] = queue.Queue(4)
         self._stop = threading.Event()
         self.stalled = False
-        threading.Thread(target=self._produce, daemon=True).start()
+        detached(self._produce)
 
     def _put(self, item: bytes | BaseException) -> bool:
         while not self._stop.is_set():
@@ -508,32 +421,16 @@ def extract(ref: ImmutableRef, session: Session = ()) -> None:
             and not remote_snapshots.is_remote(leased, core.snapshotter, r.md.snapshot_id)
             and not _extracted_already(r, leased)
         ]
-        pulls: list[threading.Thread] = []
-        errors: dict[str, BaseException] = {}
-        done: dict[str, threading.Event] = {}
-
-        def pull(r: _Record) -> None:
-            try:
-                unlazy(r, oci_desc(r, dhs), dhs.get(r.md.blob))
-            except BaseException as err:
-                errors[r.id] = err
-            finally:
-                done[r.id].set()
-
-        for r in todo:
-            done[r.id] = threading.Event()
-            t = threading.Thread(target=pull, args=(r,), daemon=True)
-            t.start()
-            pulls.append(t)
-        try:
-            for r in todo:
-                done[r.id].wait()
-                if r.id in errors:
-                    raise errors[r.id]
+        # Every pull starts at once; each layer is applied, in chain order, once its pull
+        # is done. The first failure in chain order (of the pulls that ran) is raised.
+        with unwrapped(), TaskGroup() as group:
+            pulls = [
+                group.start(lambda r=r: unlazy(r, oci_desc(r, dhs), dhs.get(r.md.blob)))  # type: ignore[misc]
+                for r in todo
+            ]
+            for r, pull in zip(todo, pulls, strict=True):
+                pull.result()
                 core.flight.do(f"extract-{r.id}", lambda r=r: _apply_layer(r, dhs, leased))  # type: ignore[misc]
-        finally:
-            for t in pulls:
-                t.join()
 
 
 def _extracted_already(rec: _Record, leased: Client) -> bool:
@@ -602,14 +499,15 @@ def get_remote(
     with temporary_lease(core) as leased:
         ref.finalize()
         chain = chain_of(ref)
-        use_variant = run_parallel(
-            [
-                lambda r=r: _ensure_blob(  # type: ignore[misc]
-                    r, dhs, leased, create_if_needed, compression, force_compression
-                )
-                for r in chain
-            ]
-        )
+        with unwrapped():
+            use_variant = run_all(
+                [
+                    lambda r=r: _ensure_blob(  # type: ignore[misc]
+                        r, dhs, leased, create_if_needed, compression, force_compression
+                    )
+                    for r in chain
+                ]
+            )
         for r in chain:
             set_chains(r)
         descriptors = []
@@ -891,7 +789,8 @@ class _RemoteProvider:
         return io.BufferedReader(self._core.client.content.open(desc.digest), _CHUNK)
 
     def unlazy_all(self) -> None:
-        run_parallel([lambda d=d: self._unlazy(d) for d in self._entries])  # type: ignore[misc]
+        with unwrapped():
+            run_all([lambda d=d: self._unlazy(d) for d in self._entries])  # type: ignore[misc]
 
 
 # Writing layers into mutable snapshots.

@@ -24,13 +24,13 @@ from typing import Final
 
 from .. import _validate, mountpoints
 from .._faults import crash_point
+from .._tasks import run_all, unwrapped
 from ..client import (
     DEFAULT_ADDRESS,
     Client,
     ContentService,
     Descriptor,
     LeaseResource,
-    SnapshotKind,
 )
 from ..compression import chain_id
 from ..errors import (
@@ -46,7 +46,7 @@ from ..remote import DescHandler, DescHandlers
 from ..shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
 from ..types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 from ..usage_filters import UsageFilter, compile_filters
-from . import blobs, remote_snapshots
+from . import _reconcile, blobs, remote_snapshots
 from ._core import KIND_LABEL, OWNER_LABEL, Core, new_id
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
 
@@ -55,6 +55,8 @@ __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
 _log = logging.getLogger("pyctrd_cache")
 _NO_HANDLERS: Final[DescHandlers] = MappingProxyType({})
 DEFAULT_NAMESPACE: Final = "pyctrd"
+_MEASURERS: Final = 8
+"""How many records `disk_usage` measures at a time."""
 
 log = logging.getLogger("pyctrd_cache.manager")
 
@@ -253,18 +255,18 @@ class Manager:
         committed the snapshot but not the row, drops rows whose containerd objects are gone
         (their lease first), loads the rest, deletes leases of this manager that no row
         accounts for, and lets containerd collect what those leases held.
+
+        `_reconcile.plan` decides all of that from the rows, leases and snapshots; this
+        applies the plan in its order.
         """
         owned = self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
-        owned_ids = {lease.id for lease in owned}
-        leases = set(owned_ids)
-        snapshots = {s.name: s.kind for s in self._client.snapshots(self.snapshotter).list()}
-        rows = {md.id: md for md in self._store.all()}
-        lost = sorted(
-            lease.id
-            for lease in owned
-            if lease.labels.get(KIND_LABEL) == "record" and lease.id not in rows
+        todo = _reconcile.plan(
+            self._store.all(),
+            {lease.id: lease.labels.get(KIND_LABEL) == "record" for lease in owned},
+            {s.name: s.kind for s in self._client.snapshots(self.snapshotter).list()},
         )
-        if lost and not repair:
+        if todo.lost and not repair:
+            lost = list(todo.lost)
             shown = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
             raise StoreDamagedError(
                 f"the metadata store {self._store.path} lost {len(lost)} record(s) whose data "
@@ -273,83 +275,30 @@ class Manager:
                 path=str(self._store.path),
                 lost=lost,
             )
-
-        for md in list(rows.values()):
-            twin = rows.get(md.equal_mutable) if md.equal_mutable else None
-            if (
-                md.equal_mutable
-                and not md.deleted
-                and md.id in leases
-                and snapshots.get(md.id) is SnapshotKind.COMMITTED
-            ):
-                # A finalize committed the snapshot, then stopped before its row changed.
-                log.info("reconcile: finishing the interrupted finalize of record %s", md.id)
-                md.equal_mutable = ""
-                md.snapshot_id = md.id
-                changed = [md]
-                if twin is not None:
-                    twin.deleted = True
-                    changed.append(twin)
-                self._store.update(*changed)
-
-        for md in rows.values():
-            if md.equal_mutable and md.id in leases:
-                # A finalize stopped before committing the snapshot: the next one makes the
-                # lease again.
-                with contextlib.suppress(NotFoundError):
-                    self._client.leases.delete(md.id)
-                leases.discard(md.id)
-
-        for md in list(rows.values()):
-            if md.deleted:
-                log.info("reconcile: finishing the interrupted removal of record %s", md.id)
-                with contextlib.suppress(NotFoundError):
-                    self._client.leases.delete(md.id)
-                self._store.delete(md.id)
-                leases.discard(md.id)
-                del rows[md.id]
-
-        valid: dict[str, bool] = {}
-
-        def is_valid(record_id: str, seen: frozenset[str] = frozenset()) -> bool:
-            if record_id in valid:
-                return valid[record_id]
-            md = rows.get(record_id)
-            ok = md is not None and record_id not in seen
-            if md is not None and ok:
-                seen = seen | {record_id}
-                if md.parent and not is_valid(md.parent, seen):
-                    ok = False
-                elif md.equal_mutable:
-                    twin = rows.get(md.equal_mutable)
-                    ok = twin is not None and not twin.committed and is_valid(twin.id, seen)
-                elif not md.committed:
-                    ok = md.id in leases and snapshots.get(md.snapshot_id) is SnapshotKind.ACTIVE
-                else:
-                    ok = md.id in leases and (
-                        md.blob_only or snapshots.get(md.snapshot_id) is SnapshotKind.COMMITTED
-                    )
-            valid[record_id] = ok
-            return ok
-
-        dropped = [record_id for record_id in rows if not is_valid(record_id)]
-        for record_id in dropped:
-            log.warning(
-                "reconcile: dropping record %s, whose containerd objects are gone", record_id
-            )
-            if record_id in leases:
-                with contextlib.suppress(NotFoundError):
-                    self._client.leases.delete(record_id)
-                leases.discard(record_id)
+        for changed in todo.finish_finalizes:
+            log.info("reconcile: finishing the interrupted finalize of record %s", changed[0].id)
+            self._store.update(*changed)
+        for lease_id in todo.unfinalized_leases:
+            # The next finalize makes the lease again.
+            self._core.drop_lease(lease_id)
+        for drop in todo.drops:
+            record_id = drop.record_id
+            if drop.interrupted:
+                log.info("reconcile: finishing the interrupted removal of record %s", record_id)
+            else:
+                log.warning(
+                    "reconcile: dropping record %s, whose containerd objects are gone", record_id
+                )
+            if drop.lease:
+                self._core.drop_lease(record_id)
             self._store.delete(record_id)
-            del rows[record_id]
         with self._core.mu:
-            for record_id in rows:
+            for record_id in todo.keep:
                 self._get_record(record_id)
-        for lease_id in leases - rows.keys():
+        for lease_id in todo.stray_leases:
             log.info("reconcile: deleting lease %s, which no record holds", lease_id)
             self._core.drop_lease(lease_id)
-        if owned_ids - rows.keys():
+        if todo.collect:
             # What the deleted leases held is gone before `open` returns.
             self._collect_garbage()
 
@@ -751,10 +700,8 @@ class Manager:
             if e.info.size is None and not (e.info.mutable and e.refs > 0)
         ]
         sizes = {e.info.id: e.info.size or 0 for e in entries.values()}
-        try:
-            computed = self._core.executor.map(_measure, unknown)
-        except RuntimeError:
-            raise InvalidError("the cache manager is closed") from None
+        with self._core.working(), unwrapped():
+            computed = run_all([rec.measure for rec in unknown], limit=_MEASURERS)
         sizes.update(zip((r.id for r in unknown), computed, strict=True))
         groups: dict[str, list[_UsageEntry]] = {}
         for e in entries.values():
@@ -1005,7 +952,7 @@ class Manager:
         The manager lock is taken for one record at a time, so other calls go on during a
         long prune (moby/buildkit#4401).
         """
-        size = _measure(rec)
+        size = rec.measure()
         # A snapshot that other records may hold is measured on its own, outside the locks.
         snapshot_usage = self._snapshot_usage(rec) if rec.md.chain_id else None
         with self._core.mu, rec.mu:
@@ -1090,10 +1037,6 @@ def keep_bytes_for(
     elif min_free_space and keep == 0:
         keep = total
     return max(keep, reserved_space)
-
-
-def _measure(rec: _Record) -> int:
-    return rec.measure()
 
 
 def _age(entry: _UsageEntry) -> tuple[datetime, str]:
