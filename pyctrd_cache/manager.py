@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .cache._usage import keep_bytes_for as keep_bytes_for
 from .cache.manager import (
     DEFAULT_NAMESPACE as DEFAULT_NAMESPACE,
 )
@@ -10,9 +11,6 @@ from .cache.manager import (
     OWNER_LABEL,
     Manager,
     default_state_dir,
-)
-from .cache.manager import (
-    keep_bytes_for as keep_bytes_for,
 )
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]

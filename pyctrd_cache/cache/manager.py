@@ -46,8 +46,9 @@ from ..remote import DescHandler, DescHandlers
 from ..shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
 from ..types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 from ..usage_filters import UsageFilter, compile_filters
-from . import _reconcile, blobs, remote_snapshots
+from . import _reconcile, _usage, blobs, remote_snapshots
 from ._core import KIND_LABEL, OWNER_LABEL, Core, new_id
+from ._usage import keep_bytes_for
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
@@ -769,19 +770,12 @@ class Manager:
                         double_ref=rec.equal_immutable is not None,
                         chain=rec.parent_chain(),
                     )
-        for leaving_parent in leaving:
-            if leaving_parent in entries:
-                entries[leaving_parent].refs -= 1
-        # A child's handle on its parent counts as a use of the parent only while the child
-        # itself is used.
-        rescan = set(entries)
-        while rescan:
-            entry = entries[rescan.pop()]
-            parent_id = entry.info.parent_id
-            if entry.refs == 0 and parent_id is not None and parent_id in entries:
-                parent = entries[parent_id]
-                parent.refs -= 2 if entry.double_ref else 1
-                rescan.add(parent_id)
+        uses = _usage.in_use(
+            {i: _usage.Use(e.refs, e.double_ref, e.info.parent_id) for i, e in entries.items()},
+            leaving,
+        )
+        for record_id, refs in uses.items():
+            entries[record_id].refs = refs
         return entries
 
     @staticmethod
@@ -1014,31 +1008,6 @@ class Manager:
         return st.f_bavail * st.f_frsize
 
 
-def keep_bytes_for(
-    total: int,
-    free: int,
-    *,
-    reserved_space: int,
-    max_used_space: int,
-    min_free_space: int,
-) -> int:
-    """BuildKit's free-space arithmetic: how many bytes of cache a prune may keep (0: no cap).
-
-    Keep at most `max_used_space`; less if the file system has under `min_free_space` free
-    (by the shortfall); never less than `reserved_space`. With only `min_free_space` set and
-    enough free space, everything is kept.
-    """
-    if not (max_used_space or reserved_space or min_free_space):
-        return 0
-    keep = max_used_space
-    excess = min_free_space - free
-    if excess > 0:
-        keep = total - excess if keep == 0 else min(keep, total - excess)
-    elif min_free_space and keep == 0:
-        keep = total
-    return max(keep, reserved_space)
-
-
 def _age(entry: _UsageEntry) -> tuple[datetime, str]:
     return (entry.info.created_at or datetime.min.replace(tzinfo=UTC), entry.info.id)
 
@@ -1052,28 +1021,7 @@ def _shares_data_with_listed_twin(rec: _Record) -> bool:
 
 
 def _rank_for_removal(recs: list[_Record]) -> list[_Record]:
-    """BuildKit's order for size-bound pruning: the sum of each record's rank by last use and
-    its rank by usage count, each scaled to 0..1, least first."""
-    by_last_used = sorted(
-        recs, key=lambda r: (r.md.last_used_at is not None, r.md.last_used_at or 0)
-    )
-    last_used_rank: dict[str, int] = {}
-    rank, latest = 0, -1
-    for r in by_last_used:
-        if r.md.last_used_at is not None and r.md.last_used_at > latest:
-            latest = r.md.last_used_at
-            rank += 1
-        last_used_rank[r.id] = rank
-    max_last_used = rank or 1
-    by_count = sorted(recs, key=lambda r: r.md.usage_count)
-    count_rank: dict[str, int] = {}
-    rank, count = 0, 0
-    for r in by_count:
-        if r.md.usage_count != count:
-            count = r.md.usage_count
-            rank += 1
-        count_rank[r.id] = rank
-    max_count = rank or 1
-    return sorted(
-        recs, key=lambda r: last_used_rank[r.id] / max_last_used + count_rank[r.id] / max_count
-    )
+    """`_usage.removal_order` of the records, least valuable first."""
+    by_id = {r.id: r for r in recs}
+    order = _usage.removal_order([(r.id, r.md.last_used_at, r.md.usage_count) for r in recs])
+    return [by_id[record_id] for record_id in order]
