@@ -480,12 +480,14 @@ class Manager:
         chain = diff_id
         blob_chain = chain_id(desc.digest, diff_id)
         parent_ref: ImmutableRef | None = None
-        if parent is not None:
-            if parent._rec.core is not self._core:
-                raise InvalidError(f"ref {parent.id} belongs to another manager")
-            parent_ref = self.get(parent.id, update_last_used=False, desc_handlers=dhs)
-        try:
-            if parent_ref is not None:
+        with contextlib.ExitStack() as on_error:
+            if parent is not None:
+                if parent._rec.core is not self._core:
+                    raise InvalidError(f"ref {parent.id} belongs to another manager")
+                parent_ref = self.get(parent.id, update_last_used=False, desc_handlers=dhs)
+                # Released on every way out until the new record takes it over (the path that
+                # finds a record releases it itself).
+                on_error.callback(_release_if_held, parent_ref)
                 pmd = parent_ref._rec.md
                 if not pmd.chain_id or not pmd.blob_chain_id:
                     raise InvalidError(
@@ -496,15 +498,12 @@ class Manager:
                 parent_ref.finalize()
             with self._core.mu:
                 self._core.check_open()
-                for record_id in self._store.search_blob_chain(blob_chain):
-                    try:
-                        ref = self._get(record_id, trigger_last_used=True, dhs=dhs)
-                    except NotFoundError:
-                        continue
+                found = self._find_by_blob_chain(blob_chain, dhs)
+                if found is not None:
                     if parent_ref is not None:
                         parent_ref._release_locked()
-                    self._add_image_ref(ref._rec, image_ref)
-                    return ref
+                    self._add_image_ref(found._rec, image_ref)
+                    return found
                 ref = self._new_blob_record(
                     desc,
                     parent_ref,
@@ -516,10 +515,8 @@ class Manager:
                     description=description,
                     cache_policy=cache_policy,
                 )
-        except BaseException:
-            if parent_ref is not None and not parent_ref._released:
-                parent_ref.release()
-            raise
+            # The new record holds the parent handle now.
+            on_error.pop_all()
         if local:
             try:
                 blobs.add_compression_blob(ref._rec, replace(desc, annotations=saved), compression)
@@ -527,6 +524,16 @@ class Manager:
                 ref.release()
                 raise
         return ref
+
+    def _find_by_blob_chain(self, blob_chain: str, dhs: DescHandlers) -> ImmutableRef | None:
+        """A handle on a live record with the blob chain `blob_chain`; the manager lock is
+        held."""
+        for record_id in self._store.search_blob_chain(blob_chain):
+            try:
+                return self._get(record_id, trigger_last_used=True, dhs=dhs)
+            except NotFoundError:
+                continue
+        return None
 
     def _add_image_ref(self, rec: _Record, image_ref: str | None) -> None:
         if image_ref:
@@ -549,23 +556,7 @@ class Manager:
         cache_policy: CachePolicy,
     ) -> ImmutableRef:
         """A new record for a blob; the manager lock is held."""
-        snapshot_id, blob_only = chain, True
-        # A record that has the snapshot extracted is the better one to share it with.
-        linkable = [
-            self._core.records[i]
-            for i in self._store.search_chain(chain)
-            if i in self._core.records
-        ]
-        for candidate in sorted(linkable, key=lambda r: r.md.blob_only):
-            try:
-                # Sharing its snapshot is a use of the linked record, as in BuildKit.
-                link = self._get(candidate.id, trigger_last_used=True, dhs=dhs)
-            except (NotFoundError, NeedsRemoteProvidersError):
-                continue
-            with link._rec.mu:
-                snapshot_id, blob_only = link._rec.md.snapshot_id, link._rec.md.blob_only
-            link._release_locked()
-            break
+        snapshot_id, blob_only = self._snapshot_to_share(chain, dhs)
         record_id = new_id()
         # The row comes first, marked deleted until the lease holds the snapshot and the blob:
         # `open` finishes a creation that stopped in between as a removal.
@@ -602,6 +593,25 @@ class Manager:
         rec = _Record(self._core, md, mutable=False, parent=parent_ref)
         self._core.records[record_id] = rec
         return rec.ref(True, dhs)
+
+    def _snapshot_to_share(self, chain: str, dhs: DescHandlers) -> tuple[str, bool]:
+        """The snapshot a new record of chain id `chain` shares, and whether it is still to
+        be made (blob only): a live record's of the same chain, else its own, named by the
+        chain id. The manager lock is held."""
+        records = self._core.records
+        linkable = [records[i] for i in self._store.search_chain(chain) if i in records]
+        # A record that has the snapshot extracted is the better one to share it with.
+        for candidate in sorted(linkable, key=lambda r: r.md.blob_only):
+            try:
+                # Sharing its snapshot is a use of the linked record, as in BuildKit.
+                link = self._get(candidate.id, trigger_last_used=True, dhs=dhs)
+            except (NotFoundError, NeedsRemoteProvidersError):
+                continue
+            with link._rec.mu:
+                shared = link._rec.md.snapshot_id, link._rec.md.blob_only
+            link._release_locked()
+            return shared
+        return chain, True
 
     def _drop_unborn(self, record_id: str) -> None:
         """Undoes a creation that failed: the record's lease if it was made, then its row.
@@ -1006,6 +1016,12 @@ class Manager:
                 f"cannot measure the free space of containerd's root {root!r}: {err}"
             ) from None
         return st.f_bavail * st.f_frsize
+
+
+def _release_if_held(ref: ImmutableRef) -> None:
+    """Releases `ref` unless it was released already (a handle given up on an error path)."""
+    if not ref._released:
+        ref.release()
 
 
 def _age(entry: _UsageEntry) -> tuple[datetime, str]:
