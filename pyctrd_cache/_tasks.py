@@ -5,8 +5,8 @@ Rules:
   A group's tasks run in threads of the group's own, at most `limit` at a time: groups nest
   (a chain's extraction runs inside a remote's computation) and never wait on each other's
   threads, so nesting cannot deadlock.
-- The first error cancels the tasks still queued (waiting for one of the `limit` threads);
-  tasks already running finish. Leaving
+- The first error cancels the tasks not yet started (queued for one of the `limit` threads,
+  or started after it); tasks already running finish. Leaving
   the group waits for every task, then raises every error as one `ExceptionGroup` (the
   block's own error first, then the tasks' in the order they were started). A
   `BaseException` of the block that is not an `Exception` (`GeneratorExit`,
@@ -79,11 +79,15 @@ class TaskGroup:
         return self
 
     def start(self, fn: Callable[[], T]) -> Task[T]:
-        """Starts `fn` in a thread of its own, or queues it while `limit` tasks run."""
+        """Starts `fn` in a thread of its own, or queues it while `limit` tasks run; after a
+        failure of the group, cancels it."""
         with self._mu:
             task: Task[T] = Task(len(self._tasks), fn)
             self._tasks.append(cast(Task[object], task))
-            if self._limit is None or self._running < self._limit:
+            if self._failed:
+                task.error = Cancelled()
+                task.done.set()
+            elif self._limit is None or self._running < self._limit:
                 self._running += 1
                 worker = threading.Thread(
                     target=self._work, args=(task,), name=self._name, daemon=True
@@ -117,7 +121,7 @@ class TaskGroup:
                 task.done.set()
 
     def cancel(self) -> None:
-        """Tasks still queued will not start."""
+        """Tasks not yet started will not start."""
         with self._mu:
             self._failed = True
 
@@ -179,7 +183,13 @@ def unwrapped() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        raise first_error(group) from group.__cause__
+        first = first_error(group)
+        # Raised as it was raised in its task: its own cause and context, not the group.
+        context = first.__context__
+        try:
+            raise first
+        finally:
+            first.__context__ = context
 
 
 class _Stopped(Exception):

@@ -50,8 +50,12 @@ def test_at_most_limit_tasks_run_at_a_time() -> None:
 
 
 def test_every_error_is_raised_as_a_group() -> None:
+    # Both start before either fails: a failure cancels only the tasks not yet started.
+    both = threading.Barrier(2)
+
     def fail(err: Exception) -> Callable[[], None]:
         def fn() -> None:
+            both.wait()
             raise err
 
         return fn
@@ -113,8 +117,11 @@ def test_the_blocks_error_comes_first_and_a_cancelled_wait_is_not_one() -> None:
 
 
 def test_a_public_call_meets_the_first_error_with_the_others_noted() -> None:
+    both = threading.Barrier(2)
+
     def fail(message: str) -> Callable[[], None]:
         def fn() -> None:
+            both.wait()
             raise NotFoundError(message)
 
         return fn
@@ -123,6 +130,16 @@ def test_a_public_call_meets_the_first_error_with_the_others_noted() -> None:
         run_all([fail("one"), fail("two")])
     assert str(caught.value) == "one"
     assert caught.value.__notes__ == ["also failed concurrently: NotFoundError: two"]
+    cause = OSError("provider")
+
+    def fail_with_cause() -> None:
+        both.wait()
+        raise CacheError("provider failed") from cause
+
+    with pytest.raises(CacheError) as caught, unwrapped():
+        run_all([fail_with_cause, fail("three")])
+    assert caught.value.__cause__ is cause
+    assert caught.value.__context__ is None  # not the group
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [KeyError(1)]), KeyError(2)])
     assert first_error(nested).args == (1,)
 
