@@ -54,8 +54,8 @@ class Core:
         self.mu = threading.Lock()
         self.records: dict[str, _Record] = {}
         self.flight = SingleFlight()
-        # The background remover: one thread, since a removal holds the manager lock.
-        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyctrd-cache")
+        # The background remover (eight threads: with one, finalize cycles are slower).
+        self._remover = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
         self._background: set[Future[None]] = set()
         self._closed = False
         self._working = 0

@@ -244,6 +244,11 @@ class Manager:
         """A fresh random record id, in the form `new` and `get_by_blob` use."""
         return new_id()
 
+    def _wait_background(self) -> None:
+        """Waits for the removals already scheduled (finalized mutables); `prune` starts
+        with it, and so does each cycle of the core benchmark."""
+        self._core.wait_background()
+
     # Reconciliation.
 
     def _reconcile(self, *, repair: bool = False) -> None:
@@ -830,7 +835,7 @@ class Manager:
                 on_removed(info)
 
         with self._prune_mu:
-            self._core.wait_background()
+            self._wait_background()
             gone = _Gone()
             for policy, match in compiled or [(PrunePolicy(), compile_filters(()))]:
                 self._prune_once(policy, match, report, gone, dry_run=dry_run)
