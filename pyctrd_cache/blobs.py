@@ -4,12 +4,8 @@ media type."""
 
 from __future__ import annotations
 
-from .cache.blobs import (
-    CREATED_AT_ANNOTATION,
-    DISTRIBUTION_SOURCE_PREFIX,
-    UNCOMPRESSED_LABEL,
-    compression_of,
-)
+from .cache.blobs import CREATED_AT_ANNOTATION, UNCOMPRESSED_LABEL, compression_of
+from .cache.remotes import DISTRIBUTION_SOURCE_PREFIX
 
 __all__ = [
     "CREATED_AT_ANNOTATION",

@@ -1,5 +1,6 @@
-"""Blobs of records: lazy pulls, extraction, blob chains, remotes and compression variants
-(BuildKit's cache/blobs.go, remote.go, converter.go and the blob half of refs.go).
+"""Blobs of records: descriptors and compression variants, blob chains, lazy pulls,
+extraction, making a record's blob, and applying layers (BuildKit's cache/blobs.go and the
+blob half of refs.go; remotes are in `remotes.py`, conversion in `converter.py`).
 
 Work that writes to containerd runs under a temporary lease until what it made is held by a
 record's own lease: a blob or snapshot is added to the record's lease before anything that
@@ -16,28 +17,25 @@ import hashlib
 import io
 import logging
 import queue
-import re
 import tarfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from .. import _validate
-from .._streams import ChunkReader, ChunkWriter
-from .._tasks import TaskGroup, detached, pipelined, produced, run_all, unwrapped
+from .._streams import ChunkReader
+from .._tasks import TaskGroup, detached, unwrapped
 from ..client import Client, ContentWriter, Descriptor, LeaseResource, Mount
 from ..compression import (
     OCI_LAYER,
     Compression,
     chain_id,
-    compressed_chunks,
     decompressed_chunks,
     detect,
     from_descriptor,
     media_type_for,
-    needs_conversion,
     parse_digest,
 )
 from ..errors import (
@@ -54,11 +52,9 @@ from ..errors import (
 from ..estargz import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
-    EStargzLayer,
-    write_estargz,
 )
 from ..mounts import readonly_mounts
-from ..remote import DescHandler, DescHandlers, ProgressEvent, Remote
+from ..remote import DescHandler, DescHandlers, ProgressEvent
 from . import remote_snapshots
 from .remote_snapshots import Session
 
@@ -72,10 +68,9 @@ VARIANT_ANNOTATION_PREFIX: Final = _validate.ANNOTATION_LABEL_PREFIX
 VARIANT_MEDIA_TYPE_LABEL: Final = "buildkit.io/compression/mediatype"
 VARIANT_GC_REF_PREFIX: Final = "containerd.io/gc.ref.content.buildkit.compression."
 CREATED_AT_ANNOTATION: Final = "buildkit/createdat"
-DISTRIBUTION_SOURCE_PREFIX: Final = "containerd.io/distribution.source."
 ESTARGZ_ANNOTATIONS: Final = (TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION)
-_CHUNK: Final = 1 << 20
-_REGISTRY_HOST: Final = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?$")
+CHUNK: Final = 1 << 20
+"""The size of the reads and writes that stream blobs."""
 
 log = logging.getLogger("pyctrd_cache.blobs")
 
@@ -299,7 +294,7 @@ class _ProviderReader(io.RawIOBase):
             return
         try:
             with stream:
-                while self._put(chunk := stream.read(_CHUNK)) and chunk:
+                while self._put(chunk := stream.read(CHUNK)) and chunk:
                     pass
         except BaseException as err:
             self._put(err)
@@ -481,98 +476,10 @@ def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
     _mark_extracted(rec)
 
 
-# Creating blobs and remotes.
+# Creating a record's blob.
 
 
-def get_remote(
-    ref: ImmutableRef,
-    *,
-    create_if_needed: bool,
-    compression: Compression,
-    force_compression: bool,
-) -> Remote:
-    """The descriptors of the ref's chain, parent first, creating missing blobs through
-    containerd's diff service and converting to `compression` when forced; without force, a
-    `compression` variant made before is served in place of the blob."""
-    core = ref._rec.core
-    dhs = ref.desc_handlers
-    with temporary_lease(core) as leased:
-        ref.finalize()
-        chain = chain_of(ref)
-        with unwrapped():
-            use_variant = run_all(
-                [
-                    lambda r=r: _ensure_blob(  # type: ignore[misc]
-                        r, dhs, leased, create_if_needed, compression, force_compression
-                    )
-                    for r in chain
-                ]
-            )
-        for r in chain:
-            set_chains(r)
-        descriptors = []
-        for r, variant in zip(chain, use_variant, strict=True):
-            desc = oci_desc(r, dhs)
-            if r.is_lazy():
-                desc = _with_distribution_sources(desc, r.md.image_refs)
-            if (force_compression or variant) and needs_conversion(
-                desc.media_type, desc.annotations, compression
-            ):
-                try:
-                    blob = get_compression_blob(r, compression)
-                except NotFoundError:
-                    raise CacheError(
-                        f"no {compression.value} variant of {desc.digest} was made"
-                    ) from None
-                desc = replace(
-                    desc,
-                    media_type=blob.media_type,
-                    digest=blob.digest,
-                    size=blob.size,
-                    annotations={**desc.annotations, **blob.annotations},
-                )
-            descriptors.append(desc)
-    entries = {d.digest: (r, d) for r, d in zip(chain, descriptors, strict=True)}
-    provider = _RemoteProvider(core, entries, dhs)
-    return Remote(descriptors, provider, provider.unlazy_all)
-
-
-def _ensure_blob(
-    rec: _Record,
-    dhs: DescHandlers,
-    leased: Client,
-    create_if_needed: bool,
-    compression: Compression,
-    force: bool,
-) -> bool:
-    """Gives the record a blob (and the forced variant); whether the remote should serve
-    the `compression` variant rather than the blob itself: when forced, when the blob had to
-    be made in another compression, or when the variant exists already (serving it converts
-    nothing, and the same request gets the same layer every time)."""
-    core = rec.core
-    made_other = core.flight.do(
-        f"blob-{rec.id}-{create_if_needed}",
-        lambda: _create_blob(rec, dhs, leased, create_if_needed, compression),
-    )
-    use_variant = force or made_other or _has_variant(rec, dhs, compression)
-    if use_variant:
-        ensure_compression(rec, dhs, leased, compression)
-    return use_variant
-
-
-def _has_variant(rec: _Record, dhs: DescHandlers, compression: Compression) -> bool:
-    """Whether the record's blob is not of `compression` but a variant of it is recorded."""
-    desc = oci_desc(rec, dhs)
-    if not needs_conversion(desc.media_type, desc.annotations, compression):
-        return False
-    try:
-        labels = rec.core.client.content.info(rec.md.blob).labels
-    except NotFoundError:
-        return False  # lazy: no variant was made from it here
-    return variant_label(compression) in labels
-
-
-def _create_blob(
+def create_blob(
     rec: _Record,
     dhs: DescHandlers,
     leased: Client,
@@ -625,30 +532,6 @@ def _create_blob(
     return made_other
 
 
-def ensure_compression(
-    rec: _Record, dhs: DescHandlers, leased: Client, compression: Compression
-) -> None:
-    """Makes sure the record has a `compression` variant (a lazy blob that already is of
-    that compression stays lazy)."""
-    core = rec.core
-
-    def ensure() -> None:
-        desc = oci_desc(rec, dhs)
-        if not needs_conversion(desc.media_type, desc.annotations, compression):
-            if not rec.is_lazy():
-                add_compression_blob(rec, desc, compression)
-            return
-        with contextlib.suppress(NotFoundError):
-            get_compression_blob(rec, compression)
-            return
-        unlazy(rec, desc, dhs.get(desc.digest))
-        variant = convert(core, leased, desc, compression, rec.md.diff_id)
-        add_compression_blob(rec, variant, compression)
-        log.debug("made the %s variant %s of %s", compression.value, variant.digest, desc.digest)
-
-    core.flight.do(f"compress-{rec.id}-{compression.value}", ensure)
-
-
 def commit_written(
     leased: Client, writer: ContentWriter, *, size: int, digest: str, labels: Mapping[str, str]
 ) -> None:
@@ -669,128 +552,6 @@ def commit_written(
         raise CacheError(
             f"containerd committed {committed}, but the bytes written hash to {digest}"
         )
-
-
-def convert(
-    core: Core, leased: Client, desc: Descriptor, target: Compression, diff_id: str
-) -> Descriptor:
-    """Streams the blob `desc` out of the content store, decompresses it, checks that it
-    unpacks to `diff_id`, recompresses it as `target` and writes it back.
-
-    An eStargz layer unpacks to a tar of its own (the landmark first, the table of contents
-    last): its descriptor and its `containerd.io/uncompressed` label carry that tar's digest,
-    and the descriptor the eStargz annotations.
-    """
-    source = compression_of(desc.media_type)
-    uncompressed = hashlib.sha256()
-    compressed = hashlib.sha256()
-    estargz_layers: list[EStargzLayer] = []
-
-    def tee() -> Iterator[bytes]:
-        for chunk in decompressed_chunks(core.client.content.read(desc.digest), source):
-            uncompressed.update(chunk)
-            yield chunk
-
-    def write_layer(put: Callable[[bytes], None]) -> None:
-        with contextlib.closing(pipelined(tee())) as chunks:
-            tar = io.BufferedReader(ChunkReader(chunks), _CHUNK)
-            sink = io.BufferedWriter(ChunkWriter(put), _CHUNK)
-            estargz_layers.append(write_estargz(tar, sink))
-            sink.flush()
-            # The writer stops at the end-of-archive marker: the rest still counts for the
-            # diff id check.
-            while tar.read(_CHUNK):
-                pass
-
-    def compress() -> Iterator[bytes]:
-        chunks: Iterator[bytes]
-        if target is Compression.ESTARGZ:
-            chunks = produced(write_layer)
-        else:
-            chunks = compressed_chunks(pipelined(tee()), target)
-        for chunk in chunks:
-            compressed.update(chunk)
-            yield chunk
-
-    ingest = f"convert-{desc.digest}-{target.value}"
-    size = 0
-    with leased.content.writer(ingest) as writer:
-        if writer.offset:
-            writer.truncate()
-        try:
-            # Reading and decompressing, compressing, and writing run in threads of their own
-            # (eStargz in one more: its writer pulls the tar): the codecs and the hashes
-            # release the GIL, so the stages overlap on several cores.
-            for chunk in pipelined(compress()):
-                size += len(chunk)
-                writer.write(chunk)
-            seen = "sha256:" + uncompressed.hexdigest()
-            if seen != diff_id:
-                raise InvalidError(
-                    f"layer {desc.digest} decompresses to {seen}, not to its diff id {diff_id}"
-                )
-            digest = "sha256:" + compressed.hexdigest()
-            if estargz_layers:
-                annotations = estargz_layers[0].annotations()
-            else:
-                annotations = {UNCOMPRESSED_LABEL: diff_id}
-            labels = (
-                {}
-                if target is Compression.UNCOMPRESSED
-                else {UNCOMPRESSED_LABEL: annotations[UNCOMPRESSED_LABEL]}
-            )
-            commit_written(leased, writer, size=size, digest=digest, labels=labels)
-        except BaseException:
-            writer.close()
-            with contextlib.suppress(CacheError):
-                leased.content.abort(ingest)
-            raise
-    return Descriptor(media_type_for(target), digest, size, annotations)
-
-
-def _with_distribution_sources(desc: Descriptor, image_refs: Sequence[str]) -> Descriptor:
-    """Adds `containerd.io/distribution.source.<host>` = repositories, for image refs that
-    name their registry host."""
-    annotations = dict(desc.annotations)
-    for image_ref in image_refs:
-        host, _, rest = image_ref.partition("/")
-        if not rest or not _REGISTRY_HOST.match(host):
-            continue
-        if not ("." in host or ":" in host or host == "localhost"):
-            continue
-        repository = rest.split("@", 1)[0].rsplit(":", 1)[0] if ":" in rest else rest.split("@")[0]
-        key = DISTRIBUTION_SOURCE_PREFIX + host.split(":")[0]
-        repos = [r for r in annotations.get(key, "").split(",") if r]
-        if repository not in repos:
-            repos.append(repository)
-        annotations[key] = ",".join(repos)
-    return replace(desc, annotations=annotations)
-
-
-class _RemoteProvider:
-    """Serves a remote's descriptors from the content store, pulling lazy ones first."""
-
-    def __init__(
-        self, core: Core, entries: Mapping[str, tuple[_Record, Descriptor]], dhs: DescHandlers
-    ) -> None:
-        self._core = core
-        self._entries = entries
-        self._dhs = dhs
-
-    def _unlazy(self, digest: str) -> None:
-        rec, desc = self._entries[digest]
-        if desc.digest == rec.md.blob:
-            unlazy(rec, desc, self._dhs.get(desc.digest))
-
-    def open(self, desc: Descriptor) -> BinaryIO:
-        if desc.digest not in self._entries:
-            raise NotFoundError(f"blob {desc.digest} is not part of this remote")
-        self._unlazy(desc.digest)
-        return io.BufferedReader(self._core.client.content.open(desc.digest), _CHUNK)
-
-    def unlazy_all(self) -> None:
-        with unwrapped():
-            run_all([lambda d=d: self._unlazy(d) for d in self._entries])  # type: ignore[misc]
 
 
 # Writing layers into mutable snapshots.
@@ -849,7 +610,7 @@ def _member_through_symlink(core: Core, desc: Descriptor) -> str:
     chunks = decompressed_chunks(
         core.client.content.read(desc.digest), compression_of(desc.media_type)
     )
-    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), _CHUNK), mode="r|") as tar:
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), CHUNK), mode="r|") as tar:
         for member in tar:
             name = member.name.strip("/")
             paths = [name] + ([member.linkname.strip("/")] if member.islnk() else [])
@@ -889,7 +650,7 @@ def _write_layer(
                 digest.update(chunk)
                 size += len(chunk)
                 writer.write(chunk)
-                chunk = stream.read(_CHUNK)
+                chunk = stream.read(CHUNK)
             expected = "sha256:" + digest.hexdigest()
             commit_written(leased, writer, size=size, digest=expected, labels={})
         except BaseException:

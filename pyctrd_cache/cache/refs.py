@@ -30,7 +30,7 @@ from ..mountpoints import new_mount_point, unmount
 from ..mounts import readonly_mounts
 from ..remote import DescHandlers, Remote
 from ..types import CachePolicy, RecordType, RefInfo
-from . import blobs
+from . import blobs, remotes
 from .remote_snapshots import Session, is_remote, remote_labels
 
 if TYPE_CHECKING:
@@ -640,7 +640,7 @@ class ImmutableRef(Ref):
         and converting to `compression` when forced; without force, a `compression` variant
         made before is served in place of the record's blob."""
         self._check()
-        return blobs.get_remote(
+        return remotes.get_remote(
             self,
             create_if_needed=create_if_needed,
             compression=Compression(compression),
