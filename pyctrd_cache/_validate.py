@@ -8,8 +8,8 @@ or a host path. Each failure is an `InvalidError` that names the offending value
 - A description, and a key and value that become a containerd label, fit containerd's label
   limit: key and value together at most `MAX_LABEL` bytes of UTF-8 (containerd's
   `labels.Validate`).
-- A descriptor has a well-formed digest, a size of at least 0, and annotations that fit as
-  labels.
+- A descriptor has a well-formed digest, a size from 0 to `MAX_SIZE` (what containerd's
+  int64 and SQLite's integers hold), and annotations that fit as labels.
 """
 
 from __future__ import annotations
@@ -25,18 +25,22 @@ __all__ = [
     "ANNOTATION_LABEL_PREFIX",
     "MAX_LABEL",
     "MAX_RECORD_ID",
+    "MAX_SIZE",
     "annotation_labels",
     "description",
     "descriptor",
     "digest",
     "label",
     "record_id",
+    "size",
 ]
 
 MAX_LABEL: Final = 4096
 ANNOTATION_LABEL_PREFIX: Final = "buildkit.io/compression/annotation."
 """Annotations kept with a blob become content labels named with this prefix."""
 MAX_RECORD_ID: Final = 64
+MAX_SIZE: Final = (1 << 63) - 1
+"""The largest blob size: containerd's sizes are int64, as are SQLite's integers."""
 _DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
 _RECORD_ID: Final = re.compile(rf"[0-9a-z]{{1,{MAX_RECORD_ID}}}")
 
@@ -93,13 +97,19 @@ def annotation_labels(values: Mapping[str, str], *, prefix: str = "") -> None:
         label(prefix + key, value)
 
 
+def size(value: object, *, what: str = "size") -> int:
+    """`value` if it is an int from 0 to `MAX_SIZE`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIZE:
+        raise InvalidError(f"invalid {what} {_shown(value)}: expected 0 to 2^63-1 bytes")
+    return value
+
+
 def descriptor(desc: Descriptor) -> Descriptor:
     """`desc` if its digest, size and annotations are acceptable."""
     if not isinstance(desc, Descriptor):
         raise InvalidError(f"expected a Descriptor, not {_shown(desc)}")
     digest(desc.digest)
-    if not isinstance(desc.size, int) or desc.size < 0:
-        raise InvalidError(f"invalid size {_shown(desc.size)} of {desc.digest}")
+    size(desc.size, what=f"size of {desc.digest}")
     if not isinstance(desc.media_type, str) or not desc.media_type:
         raise InvalidError(f"invalid media type {_shown(desc.media_type)} of {desc.digest}")
     annotation_labels(desc.annotations, prefix=ANNOTATION_LABEL_PREFIX)

@@ -1,9 +1,9 @@
 """The `pyctrd-cache` command.
 
-Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback), 2 usage
-(one line on stderr), 130 interrupted (SIGINT), 143 terminated (SIGTERM). A signal ends the
-command the way an error does: partial work is rolled back and a private containerd the
-command started is stopped.
+Exit status: 0 success, 1 the operation failed (one line on stderr, no traceback, control
+characters escaped: the text may come from a registry), 2 usage (one line on stderr), 130
+interrupted (SIGINT), 143 terminated (SIGTERM). A signal ends the command the way an error
+does: partial work is rolled back and a private containerd the command started is stopped.
 
 Sizes print in decimal units and ages in words, as `buildctl du` prints them; JSON output
 gives sizes in bytes and times in RFC 3339 (UTC), with the same keys every time.
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .refs import ImmutableRef
 
 PROG: Final = "pyctrd-cache"
+_log = logging.getLogger(__name__)
 
 
 def one_line(message: str) -> str:
@@ -329,6 +330,7 @@ def _compression_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _insecure_option(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that may talk to a registry."""
     parser.add_argument(
         "--insecure", action="store_true", help="plain HTTP to a registry on a loopback host"
     )
@@ -345,6 +347,23 @@ def _insecure_option(parser: argparse.ArgumentParser) -> None:
         help="certificate authorities to trust besides the system's (default: the system's "
         "trust store only)",
     )
+    parser.add_argument(
+        "--timeout",
+        type=_argument_type(_seconds),
+        metavar="SECONDS",
+        help="seconds a registry answer's body may take once its headers arrived; a blob "
+        "also gets its size at 64 KiB/s (default: $PYCTRD_CACHE_HTTP_TIMEOUT, else 30)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"invalid timeout {text!r} (expected seconds)") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"invalid timeout {text!r} (expected a positive number of seconds)")
+    return value
 
 
 OCI_LAYOUT_PREFIX: Final = "oci-layout:"
@@ -811,6 +830,7 @@ def _send(args: argparse.Namespace, *, layout: tuple[str | pathlib.Path, str | N
                     insecure=args.insecure,
                     plain_http=args.plain_http,
                     ca_file=args.ca_file,
+                    timeout=args.timeout,
                     progress=progress,
                 )
             # The same request serves the same layers again, without converting anything.
@@ -865,6 +885,7 @@ def _pull(args: argparse.Namespace) -> int:
                 insecure=args.insecure,
                 plain_http=args.plain_http,
                 ca_file=args.ca_file,
+                timeout=args.timeout,
                 extract=args.extract,
                 progress=progress,
             )
@@ -918,7 +939,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {_printable(one_line(message))}", file=sys.stderr)
     return 1
 
 
@@ -976,6 +997,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signalled.signum
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # A failure the library did not foresee still ends in the one-line error; the
+        # traceback goes to the log.
+        _log.debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected {type(err).__name__}: {err}")
 
 
 if __name__ == "__main__":

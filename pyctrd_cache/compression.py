@@ -138,11 +138,28 @@ class _Decompressor(Protocol):
     @property
     def unused_data(self) -> bytes: ...
 
-    def decompress(self, data: bytes) -> bytes: ...
+    def decompress(self, data: bytes | memoryview) -> bytes: ...
+
+
+# The compressed bytes fed to a decompressor at a time, so that one call's output stays
+# bounded whatever the input (a compression bomb): a zstd block of at most 128 KiB takes at
+# least 4 bytes, so 256 bytes give at most 8 MiB; deflate expands at most 1032 times, so
+# 8 KiB give at most 8.1 MiB. The output is passed on in pieces of about `_OUTPUT` bytes.
+_ZSTD_STEP: Final = 256
+_GZIP_STEP: Final = 8 << 10
+_OUTPUT: Final = 1 << 20
+
+
+def _steps(chunks: Iterable[bytes], step: int) -> Iterator[memoryview]:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        for i in range(0, len(view), step):
+            yield view[i : i + step]
 
 
 def decompressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iterator[bytes]:
-    """The uncompressed tar stream of a layer given as compressed chunks.
+    """The uncompressed tar stream of a layer given as compressed chunks, decompressed in
+    steps of bounded output (a compression bomb costs time, not memory).
 
     A truncated or corrupt stream raises `InvalidError`.
     """
@@ -153,19 +170,25 @@ def decompressed_chunks(chunks: Iterable[bytes], compression: Compression) -> It
         new: Callable[[], _Decompressor]
         if compression is Compression.ZSTD:
             new = zstandard.ZstdDecompressor().decompressobj
+            step = _ZSTD_STEP
         else:
 
             def new() -> _Decompressor:
                 return zlib.decompressobj(wbits=31)
 
+            step = _GZIP_STEP
         d = new()
         started = False  # whether the current frame (gzip member) has had any input
         frames = 0
-        for chunk in chunks:
+        output = bytearray()
+        for piece in _steps(chunks, step):
+            chunk: bytes | memoryview = piece
             while chunk:
                 started = True
-                if out := d.decompress(chunk):
-                    yield out
+                output += d.decompress(chunk)
+                if len(output) >= _OUTPUT:
+                    yield bytes(output)
+                    output.clear()
                 if not d.eof:
                     break
                 # The next frame: eStargz layers are many gzip members.
@@ -175,6 +198,8 @@ def decompressed_chunks(chunks: Iterable[bytes], compression: Compression) -> It
                 started = False
         if started or frames == 0:
             raise InvalidError(f"{compression.value} layer stream ends early")
+        if output:
+            yield bytes(output)
     except (zlib.error, zstandard.ZstdError) as err:
         raise InvalidError(f"corrupt {compression.value} layer: {err}") from None
 

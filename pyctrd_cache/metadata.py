@@ -15,6 +15,13 @@ Before version 0.2 the command line kept its store in `STATE_DIR/cache`; opening
 moves such a store up into it (under both locks), so that scripts and the command line see
 the same records. When both places hold a store, opening refuses rather than choose.
 
+The state directory is trusted, so it must be the user's own, as ssh and gpg require of
+theirs: one that is a symlink, is owned by another user, or is writable by group or others
+is refused with `InvalidError` (one of the user's that others may only read is narrowed to
+0700). Its files are opened from the directory's descriptor with `O_NOFOLLOW`, a new one
+with `O_EXCL`; a symlink or non-regular file where one of its files should be is refused,
+and nothing is chmodded or written through a symlink.
+
 The store's id (the manager id in the ownership label of every lease) is kept twice: in the
 database and in the file `manager-id` beside it, written once when the store is created. A
 database that was lost or truncated to nothing is created again with the same id, so the
@@ -36,6 +43,7 @@ import os
 import pathlib
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -49,6 +57,7 @@ from .errors import CacheError, InvalidError, LockedError, NoSpaceError, StoreDa
 DB_NAME: Final = "metadata.db"
 ID_NAME: Final = "manager-id"
 LOCK_NAME: Final = "lock"
+_SQLITE_SUFFIXES: Final = ("-wal", "-shm", "-journal")
 LEGACY_SUBDIR: Final = "cache"
 _LOCK_POLL: Final = 0.1
 _STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
@@ -173,14 +182,9 @@ def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
 
-def _lock_file(directory: pathlib.Path, timeout: float) -> int:
-    """The locked file descriptor of `directory`'s lock file, once the lock is free; waits up
-    to `timeout` seconds, logging once who holds it, else raises `LockedError`."""
-    path = directory / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as err:
-        raise CacheError(f"cannot use state directory {directory}: {err.strerror}") from None
+def _lock_file(fd: int, directory: pathlib.Path, timeout: float) -> int:
+    """`fd`, `directory`'s open lock file, once its lock is taken; waits up to `timeout`
+    seconds, logging once who holds it, else closes `fd` and raises `LockedError`."""
     deadline = time.monotonic() + max(0.0, timeout)
     logged = False
     while True:
@@ -246,6 +250,7 @@ class MetadataStore:
         self.id_path = self.state_dir / ID_NAME
         self._mu = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._dir_fd = -1
         self._lock_fd = self._lock_directory(lock_timeout)
         try:
             self._adopt_legacy_store(lock_timeout)
@@ -299,9 +304,32 @@ class MetadataStore:
             with suppress(FileNotFoundError):
                 os.replace(f"{self.path}{suffix}", f"{self.path}.damaged-{stamp}{suffix}")
 
+    def _open_file(self, name: str, flags: int) -> int:
+        """`name` in the state directory, opened without following a symlink; a symlink or
+        a non-regular file is refused."""
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise self._unsafe(f"{self.state_dir / name} is a symlink") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise self._unsafe(f"{self.state_dir / name} is not a file of the current user")
+        return fd
+
+    def _unsafe(self, problem: str) -> InvalidError:
+        return InvalidError(
+            f"refusing the state directory {self.state_dir}: {problem}; it must be a directory "
+            "of the current user that no one else can write, holding no symlinks"
+        )
+
     def _read_id(self) -> str | None:
         try:
-            text = self.id_path.read_text().strip()
+            fd = self._open_file(ID_NAME, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(256).decode().strip()
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as err:
@@ -318,32 +346,70 @@ class MetadataStore:
 
     def _write_id(self, manager_id: str) -> None:
         """Writes the id file atomically (a new file renamed over it)."""
-        tmp = self.id_path.with_name(ID_NAME + ".tmp")
+        tmp = ID_NAME + ".tmp"
+        dir_fd = self._dir_fd
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # A file left by a crash (or planted) is removed, not written through.
+            with suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            fd = self._open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
                 os.write(fd, (manager_id + "\n").encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.id_path)
+            os.replace(tmp, ID_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as err:
             with suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp, dir_fd=dir_fd)
             cls = NoSpaceError if err.errno == errno.ENOSPC else CacheError
             raise cls(f"cannot write the manager id file {self.id_path}: {err.strerror}") from None
 
+    def _open_directory(self) -> None:
+        """Makes the state directory (mode 0700) unless it exists, and opens it, refusing
+        one that is not safe."""
+        self.state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with suppress(FileExistsError):
+            os.mkdir(self.state_dir, 0o700)
+        try:
+            self._dir_fd = os.open(
+                self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise self._unsafe("it is a symlink or not a directory") from None
+            raise
+        st = os.fstat(self._dir_fd)
+        if st.st_uid != os.geteuid():
+            raise self._unsafe(f"it is owned by uid {st.st_uid}, not {os.geteuid()}")
+        if st.st_mode & 0o022:
+            raise self._unsafe(f"its mode {stat.S_IMODE(st.st_mode):04o} lets others write")
+        os.fchmod(self._dir_fd, 0o700)
+
     def _lock_directory(self, timeout: float) -> int:
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.state_dir, 0o700)
+            self._open_directory()
+            fd = self._open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        except InvalidError:
+            self._close_directory()
+            raise
         except OSError as err:
+            self._close_directory()
             raise CacheError(
                 f"cannot use state directory {self.state_dir}: {err.strerror}"
             ) from None
-        fd = _lock_file(self.state_dir, timeout)
+        try:
+            _lock_file(fd, self.state_dir, timeout)
+        except BaseException:
+            self._close_directory()
+            raise
         _write_holder(fd)
         return fd
+
+    def _close_directory(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def _adopt_legacy_store(self, timeout: float) -> None:
         """Moves a store the command line kept in `STATE_DIR/cache` up into the state
@@ -356,7 +422,15 @@ class MetadataStore:
                 f"two metadata stores: {self.path} and {legacy / DB_NAME} (where versions "
                 f"before 0.2 of the command line kept theirs); move one of them elsewhere"
             )
-        legacy_fd = _lock_file(legacy, timeout)
+        try:
+            fd = os.open(
+                legacy / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise self._unsafe(f"{legacy / LOCK_NAME} is a symlink") from None
+            raise CacheError(f"cannot use state directory {legacy}: {err.strerror}") from None
+        legacy_fd = _lock_file(fd, legacy, timeout)
         try:
             for name in _STORE_FILES:
                 with suppress(FileNotFoundError):
@@ -378,13 +452,23 @@ class MetadataStore:
                 os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)
             self._lock_fd = -1
+        self._close_directory()
 
     def _connect(self) -> sqlite3.Connection:
         # The file exists with mode 0600 before SQLite opens it, whatever the umask; SQLite
-        # gives its -wal and -shm files the database file's mode.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        os.chmod(self.path, 0o600)
+        # gives its -wal and -shm files the database file's mode. SQLite opens them by name:
+        # the directory is the user's own and no one else's to change meanwhile, and a
+        # symlink there (planted before, or moved up with an old store) is refused.
+        for suffix in _SQLITE_SUFFIXES:
+            with suppress(FileNotFoundError):
+                mode = os.stat(DB_NAME + suffix, dir_fd=self._dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(mode.st_mode):
+                    raise self._unsafe(f"{self.state_dir / (DB_NAME + suffix)} is not a file")
+        fd = self._open_file(DB_NAME, os.O_RDWR | os.O_CREAT)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")

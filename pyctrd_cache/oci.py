@@ -8,6 +8,11 @@ naming the manifest with `org.opencontainers.image.ref.name`. Blobs and `index.j
 written to a temporary file in the same directory and renamed into place, so a reader (or a
 crash) never sees half a file; `index.json` is changed under an exclusive `flock` on the
 layout directory, so concurrent exports into one layout keep each other's tags.
+
+Layouts are not trusted, read or written: their entries are reached without following
+symlinks (a symlink, FIFO or device inside a layout is an `InvalidError`), JSON files are
+read up to `MAX_JSON` bytes, and a blob already in a layout is kept only when its bytes
+match its digest, else it is replaced.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import platform
 import re
 import stat
 import tarfile
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +38,8 @@ from typing import Any, BinaryIO, Final, Literal
 
 import zstandard
 
+from . import _validate
+from ._layout_files import LayoutFiles, blob_parts
 from ._streams import CountingReader
 from .blobs import CREATED_AT_ANNOTATION, DISTRIBUTION_SOURCE_PREFIX, UNCOMPRESSED_LABEL
 from .client import Descriptor
@@ -138,24 +144,26 @@ def export_layout(
 
     The layer blobs come from `ref.get_remote(compression=..., force_compression=...)`
     (made by containerd's diff service when needed), parent first. Blobs already in the
-    layout with the right size are kept. The manifest replaces the one of the same `tag`
-    (default `latest`) in `index.json`; other tags stay, and the old manifest's blobs are
-    left in place. `progress` hears `start`, `bytes` and `end` for every layer blob.
+    layout are kept when their bytes match their digest, else replaced. The manifest
+    replaces the one of the same `tag` (default `latest`) in `index.json`; other tags stay,
+    and the old manifest's blobs are left in place. A layout holding a symlink (or a FIFO or
+    device) where a file or directory goes is refused with `InvalidError`, and nothing is
+    written through one. `progress` hears `start`, `bytes` and `end` for every layer blob.
     """
     name = _check_tag("latest" if tag is None else tag)
     root = pathlib.Path(layout)
     _check_layout(root)
     remote = ref.get_remote(compression=compression, force_compression=force_compression)
-    _prepare_layout(root)
+    files = _prepare_layout(root)
     image = image_of(ref, remote)
     for desc in remote.descriptors:
-        _write_stream_blob(root, desc, lambda desc=desc: remote.provider.open(desc), progress)  # type: ignore[misc]
-    _write_bytes_blob(root, image.config_desc, image.config)
+        _write_stream_blob(files, desc, lambda desc=desc: remote.provider.open(desc), progress)  # type: ignore[misc]
+    _write_bytes_blob(files, image.config_desc, image.config)
     manifest_desc = image.manifest_desc
-    _write_bytes_blob(root, manifest_desc, image.manifest)
+    _write_bytes_blob(files, manifest_desc, image.manifest)
     named = Descriptor(OCI_MANIFEST, manifest_desc.digest, manifest_desc.size, {REF_NAME: name})
     with _layout_lock(root):
-        index = _read_index(root)
+        index = _read_index(files)
         entries = [
             m
             for m in index.get("manifests") or []
@@ -168,7 +176,7 @@ def export_layout(
             "mediaType": index.get("mediaType") or OCI_INDEX,
             "manifests": entries,
         }
-        _atomic_write(root / "index.json", _json_bytes(index, indent=True))
+        files.write(["index.json"], [_json_bytes(index, indent=True)])
     return named
 
 
@@ -229,7 +237,7 @@ def _check_layout(root: pathlib.Path) -> bool:
     something else than a layout, an empty directory or nothing."""
     if root.exists() and not root.is_dir():
         raise InvalidError(f"{root} is not a directory")
-    if (root / "oci-layout").exists():
+    if (root / "oci-layout").is_symlink() or (root / "oci-layout").exists():
         OCILayoutProvider(root)  # checks the version
         return True
     if root.is_dir() and any(root.iterdir()):
@@ -237,12 +245,14 @@ def _check_layout(root: pathlib.Path) -> bool:
     return False
 
 
-def _prepare_layout(root: pathlib.Path) -> None:
-    """Makes `root` an OCI image layout unless it is one."""
+def _prepare_layout(root: pathlib.Path) -> LayoutFiles:
+    """Makes `root` an OCI image layout unless it is one; its files."""
+    files = LayoutFiles(root)
     if not _check_layout(root):
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / "oci-layout", _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
-    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        files.write(["oci-layout"], [_json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION})])
+    with files.directory(["blobs", "sha256"], create=True):
+        return files
 
 
 def _manifest_annotations(desc: Descriptor) -> dict[str, str]:
@@ -296,75 +306,47 @@ def _json_bytes(document: Mapping[str, Any], *, indent: bool = False) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _blob_path(root: pathlib.Path, digest: str) -> pathlib.Path:
-    algorithm, _, hex_digest = parse_digest(digest).partition(":")
-    return root / "blobs" / algorithm / hex_digest
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Writes `data` to a temporary file next to `path`, syncs it and renames it over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_bytes_blob(root: pathlib.Path, desc: Descriptor, data: bytes) -> None:
-    path = _blob_path(root, desc.digest)
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_size == len(data):
-            return
-    _atomic_write(path, data)
+def _write_bytes_blob(files: LayoutFiles, desc: Descriptor, data: bytes) -> None:
+    """Writes the blob unless the layout has it with these very bytes."""
+    parts = blob_parts(desc.digest)
+    if not files.matches(parts, len(data), desc.digest):
+        files.write(parts, [data])
 
 
 def _write_stream_blob(
-    root: pathlib.Path,
+    files: LayoutFiles,
     desc: Descriptor,
     open_blob: Callable[[], BinaryIO],
     progress: ProgressCallback | None,
 ) -> None:
     """Streams a blob into the layout, checking its size and digest before it is renamed
-    into place; a blob already there with the right size is kept."""
-    path = _blob_path(root, desc.digest)
+    into place; a blob already there with the right size and digest is kept."""
+    parts = blob_parts(desc.digest)
     _notify(progress, ProgressEvent("start", desc.digest, 0, desc.size))
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_size == desc.size:
-            _notify(progress, ProgressEvent("end", desc.digest, desc.size, desc.size))
-            return
-    algorithm = desc.digest.partition(":")[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}-", suffix=".tmp")
-    try:
-        hasher = hashlib.new(algorithm)
+    if files.matches(parts, desc.size, desc.digest):
+        _notify(progress, ProgressEvent("end", desc.digest, desc.size, desc.size))
+        return
+
+    def chunks() -> Iterator[bytes]:
+        hasher = hashlib.new(desc.digest.partition(":")[0])
         size = 0
-        with os.fdopen(fd, "wb") as out, open_blob() as blob:
+        with open_blob() as blob:
             while chunk := blob.read(_CHUNK):
                 size += len(chunk)
                 if size > desc.size:
                     raise CacheError(f"blob {desc.digest} is larger than its size {desc.size}")
                 hasher.update(chunk)
-                out.write(chunk)
+                yield chunk
                 _notify(progress, ProgressEvent("bytes", desc.digest, size, desc.size))
-            out.flush()
-            os.fsync(out.fileno())
         if size != desc.size:
             raise CacheError(f"blob {desc.digest} has {size} bytes, not {desc.size}")
-        seen = f"{algorithm}:{hasher.hexdigest()}"
+        seen = f"{hasher.name}:{hasher.hexdigest()}"
         if seen != desc.digest:
             raise CacheError(f"blob {desc.digest} has the digest {seen}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+
+    try:
+        files.write(parts, chunks())
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         _notify(progress, ProgressEvent("end", desc.digest, 0, desc.size, error=err))
         raise
     _notify(progress, ProgressEvent("end", desc.digest, desc.size, desc.size))
@@ -382,10 +364,10 @@ def _layout_lock(root: pathlib.Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _read_index(root: pathlib.Path) -> dict[str, Any]:
-    path = root / "index.json"
+def _read_index(files: LayoutFiles) -> dict[str, Any]:
+    path = files.path(["index.json"])
     try:
-        data = path.read_bytes()
+        data = files.read(["index.json"], MAX_JSON)
     except FileNotFoundError:
         return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
     try:
@@ -422,15 +404,16 @@ def pull_layout(
     if not root.is_dir():
         raise NotFoundError(f"no OCI layout at {root}")
     provider = OCILayoutProvider(root)
-    index = _read_index(root)
+    files = LayoutFiles(root)
+    index = _read_index(files)
     name, entry = _select_entry(index, tag, root)
 
     def read_json(desc: Descriptor) -> dict[str, Any]:
-        return _read_json_blob(provider, desc)
+        return _read_json_blob(files, desc)
 
     def check_blob(desc: Descriptor) -> None:
         try:
-            size = provider.blob_path(desc.digest).stat().st_size
+            size = files.stat(blob_parts(desc.digest)).st_size
         except FileNotFoundError:
             raise NotFoundError(
                 f"layer blob {desc.digest} is not in the OCI layout {root}"
@@ -559,23 +542,19 @@ def descriptor(entry: Mapping[str, Any], where: str | pathlib.Path) -> Descripto
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidError(f"malformed descriptor {dict(entry)!r} in {where}: {err}") from None
     parse_digest(desc.digest, what=f"digest in {where}")
-    if desc.size < 0:
-        raise InvalidError(f"negative size of {desc.digest} in {where}")
+    _validate.size(desc.size, what=f"size of {desc.digest} in {where}")
     return desc
 
 
-def _read_json_blob(provider: OCILayoutProvider, desc: Descriptor) -> dict[str, Any]:
+def _read_json_blob(files: LayoutFiles, desc: Descriptor) -> dict[str, Any]:
     """An index, manifest or config blob of the layout, checked against its descriptor."""
     if desc.size > MAX_JSON:
         raise InvalidError(f"blob {desc.digest} is too large for a {desc.media_type}")
-    path = provider.blob_path(desc.digest)
     try:
-        data = path.read_bytes()
+        data = files.read(blob_parts(desc.digest), MAX_JSON)
     except FileNotFoundError:
-        raise NotFoundError(
-            f"blob {desc.digest} is not in the OCI layout {provider.path}"
-        ) from None
-    return parse_json_blob(desc, data, str(provider.path))
+        raise NotFoundError(f"blob {desc.digest} is not in the OCI layout {files.root}") from None
+    return parse_json_blob(desc, data, str(files.root))
 
 
 def parse_json_blob(desc: Descriptor, data: bytes, where: str) -> dict[str, Any]:
@@ -934,12 +913,38 @@ def _check_tar(source: pathlib.Path) -> None:
             raise InvalidError(f"{source} is not a valid tar: {err}") from None
 
 
+MAX_SPECIAL_HEADER: Final = 1 << 20
+"""The largest PAX or GNU long-name header read from a tar (the limit of Go's archive/tar,
+which containerd's archive code reads layers with)."""
+_SPECIAL_TYPES: Final = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """A member header that refuses a PAX or GNU long-name header over
+    `MAX_SPECIAL_HEADER` bytes before tarfile reads it into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _SPECIAL_TYPES and self.size > MAX_SPECIAL_HEADER:
+            raise tarfile.HeaderError(
+                f"a PAX or GNU long-name header of {self.size} bytes (at most {MAX_SPECIAL_HEADER})"
+            )
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
+
+
 def _open_tar_stream(raw: BinaryIO, *, zstd: bool) -> tarfile.TarFile:
-    """A streaming tar reader; tarfile detects gzip itself, zstd is decompressed here."""
+    """A streaming tar reader with capped special headers; tarfile detects gzip itself,
+    zstd is decompressed here."""
     if zstd:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return tarfile.open(fileobj=reader, mode="r|")
-    return tarfile.open(fileobj=raw, mode="r|*")
+        return tarfile.open(fileobj=reader, mode="r|", tarinfo=_CappedTarInfo)
+    return tarfile.open(fileobj=raw, mode="r|*", tarinfo=_CappedTarInfo)
 
 
 def _escapes(name: str) -> bool:

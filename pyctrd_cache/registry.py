@@ -12,26 +12,47 @@ when the token server has no POST).
 Credentials not given come from the files and credential helpers Docker and podman use
 (`pyctrd_cache.credentials`).
 Connection errors and 5xx answers are retried within a bounded budget.
+
+Registries are not trusted (docs/security.md):
+
+- Credentials and tokens go only to the registry's own origin (scheme, host and port): a
+  request to a `Location` or redirect elsewhere carries none, and only the registry's own
+  401 challenges are answered. A token realm must be HTTPS, unless the registry itself is
+  plain HTTP.
+- Bodies are read raw and decoded here, in bounded steps, and capped on the decoded bytes:
+  `MAX_MANIFEST` for a manifest or index, `MAX_TOKEN_ANSWER` for a token server's answer,
+  `MAX_ERROR_BODY` for an error body (longer ones are not read).
+- Every answer has a deadline: its body must have arrived `timeout` seconds
+  (`DEFAULT_TIMEOUT`, or `$PYCTRD_CACHE_HTTP_TIMEOUT`) after its headers, a blob's its size at
+  `MIN_THROUGHPUT` bytes a second later still. Connecting waits at most 10 s, and any one
+  read (of the headers too) at most `timeout`.
+- A reference longer than `MAX_REFERENCE` characters, or carrying credentials
+  (`user:password@host`), is refused without echoing them.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import ssl
 import threading
+import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
 import httpx
 import tenacity
+import zstandard
 
 from .blobs import DISTRIBUTION_SOURCE_PREFIX
 from .client import Descriptor
@@ -52,7 +73,21 @@ from .oci import (
 from .refs import ImmutableRef
 from .remote import ProgressCallback, ProgressEvent
 
-__all__ = ["Credentials", "Reference", "RegistryProvider", "parse_reference", "pull", "push"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_ERROR_BODY",
+    "MAX_MANIFEST",
+    "MAX_REFERENCE",
+    "MAX_TOKEN_ANSWER",
+    "MIN_THROUGHPUT",
+    "TIMEOUT_ENV",
+    "Credentials",
+    "Reference",
+    "RegistryProvider",
+    "parse_reference",
+    "pull",
+    "push",
+]
 
 _COMPONENT: Final = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _HOST: Final = (
@@ -65,7 +100,26 @@ _REFERENCE_RE: Final = re.compile(
 _LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
 _ACCEPT: Final = ", ".join((*MANIFESTS, *INDEXES))
 _CHUNK: Final = 1 << 20
-_TIMEOUT: Final = httpx.Timeout(30.0, connect=10.0)
+MAX_MANIFEST: Final = 4 << 20
+"""The largest manifest or index read from a registry (the distribution registry's own
+limit), in decoded bytes."""
+MAX_TOKEN_ANSWER: Final = 4 << 20
+"""The largest token server answer read, in decoded bytes."""
+MAX_ERROR_BODY: Final = 64 << 10
+"""The largest error body read for its message; a longer one is reported by status only."""
+MAX_REFERENCE: Final = 255
+"""The longest `host[:port]/repository` accepted (the distribution spec's 255 characters)."""
+DEFAULT_TIMEOUT: Final = 30.0
+"""Seconds an answer's body may take once its headers arrived (a blob's gets more, by
+`MIN_THROUGHPUT`), and the longest wait for any one read."""
+TIMEOUT_ENV: Final = "PYCTRD_CACHE_HTTP_TIMEOUT"
+"""The environment variable that sets the timeout when the caller gives none."""
+MIN_THROUGHPUT: Final = 64 << 10
+"""Bytes a second a blob must arrive at, at least: its deadline is the timeout plus its size
+over this."""
+_CONNECT_TIMEOUT: Final = 10.0
+_MAX_REDIRECTS: Final = 10
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _RETRY_ATTEMPTS: Final = 4
 _RETRY_SECONDS: Final = 30.0
 _CHALLENGE_RE: Final = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -104,15 +158,39 @@ class Reference:
         return text
 
 
+_USERINFO_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/]*@")
+
+
+def _shown_reference(text: str) -> str:
+    """`text` fit for an error message: credentials (`user:password@`) masked, and cut to
+    200 characters."""
+    masked = _USERINFO_RE.sub(lambda m: (m[1] or "") + "***@", text, count=1)
+    if len(masked) > 200:
+        return f"{masked[:150]!r}... ({len(text)} characters)"
+    return repr(masked)
+
+
 def parse_reference(text: str) -> Reference:
     """Parses `host[:port]/repository[:tag][@digest]`; `InvalidError` when the reference is
-    malformed or names no registry host (a first component without `.` or `:` that is not
-    `localhost`)."""
+    malformed, names no registry host (a first component without `.` or `:` that is not
+    `localhost`), carries credentials, or is longer than `MAX_REFERENCE` before its tag.
+    The error never shows the credentials."""
+    if _USERINFO_RE.match(text):
+        raise InvalidError(
+            f"invalid registry reference {_shown_reference(text)}: credentials do not belong "
+            "in a reference (they come from the caller or the Docker config)"
+        )
+    name = re.split(r"[@]|:(?=[^/]*$)", text, maxsplit=1)[0]
+    if len(name) > MAX_REFERENCE:
+        raise InvalidError(
+            f"invalid registry reference {_shown_reference(text)}: HOST[:PORT]/REPOSITORY has "
+            f"{len(name)} characters, at most {MAX_REFERENCE}"
+        )
     m = _REFERENCE_RE.match(text)
     host = text.partition("/")[0]
     if m is None or not ("." in host or ":" in host or host == "localhost"):
         raise InvalidError(
-            f"invalid registry reference {text!r} "
+            f"invalid registry reference {_shown_reference(text)} "
             "(expected HOST[:PORT]/REPOSITORY[:TAG][@DIGEST], with the registry's host)"
         )
     digest = m["digest"]
@@ -145,11 +223,50 @@ class _Retryable(Exception):
 Body = bytes | Callable[[], Iterable[bytes]] | None
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the scheme's default when none is given)."""
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def timeout_from_environment() -> float:
+    """`$PYCTRD_CACHE_HTTP_TIMEOUT` (seconds), else `DEFAULT_TIMEOUT`; `InvalidError` when it is
+    not a positive number."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidError(f"${TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    return check_timeout(value)
+
+
+def check_timeout(value: object) -> float:
+    """`value` if it is a positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidError(f"invalid HTTP timeout {value!r}: expected a positive number of seconds")
+    return float(value)
+
+
+class _Answer:
+    """A response read whole: the status, headers and URL, and the decoded body, or None
+    when it was larger than the cap it was read with."""
+
+    def __init__(self, response: httpx.Response, body: bytes | None, limit: int) -> None:
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.url = response.url
+        self.body = body
+        self.limit = limit
+
+
 class _Session:
     """One registry host: an httpx client (connection reuse), the credentials and the
     tokens got so far (by scope). Thread-safe."""
 
-    def __init__(self, ref: Reference, auth: Credentials | None, tls: _TLS) -> None:
+    def __init__(
+        self, ref: Reference, auth: Credentials | None, tls: _TLS, timeout: float | None
+    ) -> None:
         if tls.insecure and not tls.plain_http and ref.hostname not in _LOOPBACK_HOSTS:
             raise InvalidError(
                 f"{ref}: insecure (plain HTTP) is allowed only on loopback hosts; "
@@ -158,8 +275,16 @@ class _Session:
         self.ref = ref
         plain = tls.insecure or tls.plain_http
         self.base = f"{'http' if plain else 'https'}://{ref.host}"
+        self.origin = _origin(httpx.URL(self.base))
+        self.timeout = timeout_from_environment() if timeout is None else check_timeout(timeout)
         self._auth = auth if auth is not None else find_credentials(ref.host)
-        self._http = httpx.Client(timeout=_TIMEOUT, follow_redirects=False, verify=tls.context())
+        # Bodies are decoded here, in bounded steps: httpx's own decoding is unbounded.
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(self.timeout, connect=min(_CONNECT_TIMEOUT, self.timeout)),
+            follow_redirects=False,
+            headers={"Accept-Encoding": "identity"},
+            verify=tls.context(),
+        )
         self._finalizer = weakref.finalize(self, self._http.close)
         self._mu = threading.Lock()
         self._scheme = ""
@@ -171,6 +296,11 @@ class _Session:
     def url(self, repository: str, kind: str, name: str = "") -> str:
         return f"{self.base}/v2/{repository}/{kind}/{name}"
 
+    def deadline(self, size: int = 0) -> float:
+        """When a body whose headers arrived now must have arrived: the timeout, plus `size`
+        bytes at `MIN_THROUGHPUT`."""
+        return time.monotonic() + self.timeout + size / MIN_THROUGHPUT
+
     def request(
         self,
         method: str,
@@ -180,18 +310,61 @@ class _Session:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         body: Body = None,
-        stream: bool = False,
+        follow_redirects: bool = False,
+        limit: int = MAX_ERROR_BODY,
+    ) -> _Answer:
+        """`stream`, and its answer read whole within the deadline: a body over `limit`
+        decoded bytes is not kept (`body` None)."""
+        response = self.stream(
+            method,
+            url,
+            scopes=scopes,
+            headers=headers,
+            params=params,
+            body=body,
+            follow_redirects=follow_redirects,
+        )
+        with contextlib.closing(response):
+            return _Answer(response, self.read(response, limit), limit)
+
+    def read(self, response: httpx.Response, limit: int) -> bytes | None:
+        """The decoded body, read within the deadline, or None once it is over `limit`
+        bytes."""
+        stream = _decoded(response, self.ref, self.deadline())
+        data = stream.read(limit + 1)
+        return data if len(data) <= limit else None
+
+    def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        scopes: Iterable[str],
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        body: Body = None,
         follow_redirects: bool = False,
     ) -> httpx.Response:
-        """Sends the request with the authorization the registry asked for; answers a 401
-        challenge once. A streamed response must be closed by the caller."""
+        """Sends the request (following up to `_MAX_REDIRECTS` redirects when asked) with
+        the authorization the registry asked for, to the registry's origin only; answers
+        the registry's own 401 challenge once. The response's body is not read: close it."""
         scope = " ".join(sorted(set(scopes)))
-        response = self._send(method, url, scope, headers, params, body, stream, follow_redirects)
+
+        def send() -> httpx.Response:
+            return self._send(method, url, scope, headers, params, body, follow_redirects)
+
+        response = send()
         if response.status_code != 401:
             return response
         response.close()
+        if _origin(response.url) != self.origin:
+            # Another host's challenge is not answered with this registry's credentials.
+            raise AuthError(
+                f"{self.ref}: {response.url.host} (redirected to from the registry) refused "
+                "access; the registry's credentials are not sent to another host"
+            )
         self._answer(response, scope)
-        response = self._send(method, url, scope, headers, params, body, stream, follow_redirects)
+        response = send()
         if response.status_code == 401:
             response.close()
             raise AuthError(f"{self.ref}: the registry refused access ({self._who()})")
@@ -204,7 +377,9 @@ class _Session:
             return "with an identity token"
         return f"as user {self._auth.username!r}"
 
-    def _authorization(self, scope: str) -> str | None:
+    def _authorization(self, scope: str, url: httpx.URL) -> str | None:
+        if _origin(url) != self.origin:
+            return None
         with self._mu:
             if self._scheme == "basic" and self._auth is not None:
                 pair = f"{self._auth.username}:{self._auth.password}".encode()
@@ -221,18 +396,24 @@ class _Session:
         headers: Mapping[str, str] | None,
         params: Mapping[str, str] | None,
         body: Body,
-        stream: bool,
         follow_redirects: bool,
     ) -> httpx.Response:
         def attempt() -> httpx.Response:
-            all_headers = dict(headers or {})
-            if (authorization := self._authorization(scope)) is not None:
-                all_headers["Authorization"] = authorization
-            content = body if isinstance(body, bytes) or body is None else body()
-            request = self._http.build_request(
-                method, url, headers=all_headers, params=params, content=content
-            )
-            return self._http.send(request, stream=stream, follow_redirects=follow_redirects)
+            target = httpx.URL(url).copy_merge_params(params) if params else httpx.URL(url)
+            for _ in range(_MAX_REDIRECTS + 1):
+                all_headers = dict(headers or {})
+                if (authorization := self._authorization(scope, target)) is not None:
+                    all_headers["Authorization"] = authorization
+                content = body if isinstance(body, bytes) or body is None else body()
+                request = self._http.build_request(
+                    method, target, headers=all_headers, content=content
+                )
+                response = self._http.send(request, stream=True)
+                if not (follow_redirects and response.has_redirect_location):
+                    return response
+                response.close()
+                target = response.url.join(response.headers["Location"])
+            raise CacheError(f"{self.ref}: {method} {url}: more than {_MAX_REDIRECTS} redirects")
 
         return self._retrying(f"{method} {url}", attempt)
 
@@ -282,8 +463,22 @@ class _Session:
             self._scheme = "bearer"
             self._tokens[scope] = token
 
+    def _realm(self, text: str) -> httpx.URL:
+        """The token realm, if it is HTTPS (or HTTP, for a plain HTTP registry)."""
+        try:
+            realm = httpx.URL(text)
+        except httpx.InvalidURL:
+            realm = None
+        allowed = ("https", "http") if self.origin[0] == "http" else ("https",)
+        if realm is None or realm.scheme not in allowed or not realm.host:
+            raise AuthError(
+                f"{self.ref}: the registry names the token realm {text!r}; credentials go "
+                f"only to an {' or '.join(a.upper() for a in allowed)} realm"
+            )
+        return realm
+
     def _fetch_token(self, params: Mapping[str, str], scope: str) -> str:
-        realm = params["realm"]
+        realm = self._realm(params["realm"])
         service = params.get("service", "")
         auth = self._auth
         if auth is not None and (auth.identity_token or auth.password):
@@ -305,19 +500,28 @@ class _Session:
             basic = httpx.BasicAuth(auth.username, auth.password)
         return self._token_of(self._token_call("GET", realm, params=query, auth=basic))
 
-    def _token_call(self, method: str, realm: str, **kwargs: Any) -> httpx.Response:
-        return self._retrying(
+    def _token_call(self, method: str, realm: httpx.URL, **kwargs: Any) -> _Answer:
+        auth = kwargs.pop("auth", None)
+        response = self._retrying(
             f"the token server ({method} {realm})",
-            lambda: self._http.request(method, realm, **kwargs),
+            lambda: self._http.send(
+                self._http.build_request(method, realm, **kwargs), auth=auth, stream=True
+            ),
         )
+        with contextlib.closing(response):
+            return _Answer(response, self.read(response, MAX_TOKEN_ANSWER), MAX_TOKEN_ANSWER)
 
-    def _token_of(self, answer: httpx.Response) -> str:
+    def _token_of(self, answer: _Answer) -> str:
         if answer.status_code in (401, 403):
             raise AuthError(f"{self.ref}: the token server refused access ({self._who()})")
         if answer.status_code != 200:
             raise AuthError(f"{self.ref}: the token server answered HTTP {answer.status_code}")
+        if answer.body is None:
+            raise AuthError(
+                f"{self.ref}: the token server's answer is larger than {MAX_TOKEN_ANSWER} bytes"
+            )
         try:
-            document = answer.json()
+            document = json.loads(answer.body)
         except ValueError:
             document = None
         token = (
@@ -330,27 +534,104 @@ class _Session:
         return token
 
 
-def _error_text(response: httpx.Response) -> str:
+class _Raw(io.RawIOBase):
+    """The raw (still encoded) body of a streamed response as a file: pieces as the network
+    gives them, the deadline checked after every one."""
+
+    def __init__(self, response: httpx.Response, ref: Reference, deadline: float) -> None:
+        super().__init__()
+        self._pieces = response.iter_raw()
+        self._url = response.url
+        self._ref = ref
+        self._deadline = deadline
+        self._pending = b""
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._pending:
+            try:
+                self._pending = next(self._pieces, b"")
+            except httpx.HTTPError as err:
+                raise UnavailableError(
+                    f"{self._ref}: reading {self._url} failed after {self.count} bytes: {err}"
+                ) from err
+            if time.monotonic() > self._deadline:
+                raise UnavailableError(
+                    f"{self._ref}: reading {self._url} took too long ({self.count} bytes "
+                    "arrived before the deadline; see the HTTP timeout)"
+                )
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        self.count += n
+        return n
+
+
+class _Decoded(io.RawIOBase):
+    """A decoder's output read in bounded steps; a malformed encoding is an
+    `InvalidError`."""
+
+    def __init__(self, read: Callable[[int], bytes], what: str) -> None:
+        super().__init__()
+        self._read = read
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self._read(len(buffer))
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
+            raise InvalidError(f"{self._what} is not validly encoded: {err}") from None
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _decoded(response: httpx.Response, ref: Reference, deadline: float) -> BinaryIO:
+    """The response's body, decoded by its `Content-Encoding` (none, gzip or zstd) in
+    bounded steps, so a compression bomb costs no more memory than the bytes read."""
+    raw = io.BufferedReader(_Raw(response, ref, deadline), _CHUNK)
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    what = f"{ref}: the body of {response.url}"
+    read: Callable[[int], bytes]
+    if encoding in ("", "identity"):
+        return raw
+    if encoding in ("gzip", "x-gzip"):
+        read = gzip.GzipFile(fileobj=raw, mode="rb").read
+    elif encoding == "zstd":
+        read = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read
+    else:
+        raise InvalidError(f"{what} has the unsupported Content-Encoding {encoding!r}")
+    return io.BufferedReader(_Decoded(read, what), _CHUNK)
+
+
+def _error_text(answer: _Answer) -> str:
     """The registry's error codes and messages, else the status."""
-    with contextlib.suppress(ValueError, httpx.ResponseNotRead):
-        errors = response.json().get("errors")
+    if answer.body is None:
+        return f"HTTP {answer.status_code} (an error body over {answer.limit} bytes, not read)"
+    with contextlib.suppress(ValueError, AttributeError):
+        errors = json.loads(answer.body).get("errors")
         if isinstance(errors, list) and errors:
             return "; ".join(
                 f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
                 for e in errors
                 if isinstance(e, Mapping)
             )
-    return f"HTTP {response.status_code}"
+    return f"HTTP {answer.status_code}"
 
 
-def _failure(response: httpx.Response, what: str) -> CacheError:
+def _failure(answer: _Answer, what: str) -> CacheError:
     """The error for an unexpected answer to `what`."""
-    text = f"{what}: {_error_text(response)}"
-    if response.status_code == 404:
+    text = f"{what}: {_error_text(answer)}"
+    if answer.status_code == 404:
         return NotFoundError(text)
-    if response.status_code in (401, 403):
+    if answer.status_code in (401, 403):
         return AuthError(text)
-    if response.status_code in (400, 405, 413, 416):
+    if answer.status_code in (400, 405, 413, 416):
         return InvalidError(text)
     return CacheError(text)
 
@@ -394,8 +675,11 @@ class RegistryProvider:
     `auth` is a `Credentials` or a (user name, password) pair; without it, the credentials
     files and helpers are asked (`pyctrd_cache.credentials`). `insecure` allows plain HTTP on
     loopback hosts, `plain_http` on any host; `ca_file` adds certificate authorities to the
-    system's. A stream that ends early, or breaks, raises a `CacheError` naming the
-    reference; the content store's commit rejects bytes that do not match the digest.
+    system's. `timeout` is the seconds an answer's body may take once its headers arrived
+    (default `$PYCTRD_CACHE_HTTP_TIMEOUT`, else `DEFAULT_TIMEOUT`); a blob gets its size at
+    `MIN_THROUGHPUT` more. A stream that ends early, breaks or misses its deadline raises a
+    `CacheError` naming the reference; the content store's commit rejects bytes that do not
+    match the digest.
     """
 
     def __init__(
@@ -406,12 +690,13 @@ class RegistryProvider:
         insecure: bool = False,
         plain_http: bool = False,
         ca_file: str | os.PathLike[str] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.reference = (
             reference if isinstance(reference, Reference) else parse_reference(reference)
         )
         self._session = _Session(
-            self.reference, _as_credentials(auth), _tls(insecure, plain_http, ca_file)
+            self.reference, _as_credentials(auth), _tls(insecure, plain_http, ca_file), timeout
         )
 
     def close(self) -> None:
@@ -429,15 +714,15 @@ class RegistryProvider:
 
     def open(self, desc: Descriptor) -> BinaryIO:
         """Streams the blob from the registry, following redirects; `NotFoundError` on a 404."""
-        url = self._session.url(self.reference.repository, "blobs", desc.digest)
-        response = self._session.request(
-            "GET", url, scopes=self._pull_scope(), stream=True, follow_redirects=True
-        )
+        session = self._session
+        url = session.url(self.reference.repository, "blobs", desc.digest)
+        response = session.stream("GET", url, scopes=self._pull_scope(), follow_redirects=True)
         if response.status_code != 200:
-            response.read()
-            response.close()
-            raise _failure(response, f"{self.reference}: blob {desc.digest}")
-        return io.BufferedReader(_BlobStream(response, desc, self.reference), _CHUNK)
+            with contextlib.closing(response):
+                answer = _Answer(response, session.read(response, MAX_ERROR_BODY), MAX_ERROR_BODY)
+            raise _failure(answer, f"{self.reference}: blob {desc.digest}")
+        body = _decoded(response, self.reference, session.deadline(desc.size))
+        return io.BufferedReader(_BlobStream(response, body, desc, self.reference), _CHUNK)
 
     def check_blob(self, desc: Descriptor) -> None:
         """`NotFoundError` unless the registry has the blob (of the descriptor's size)."""
@@ -470,15 +755,15 @@ class RegistryProvider:
         wanted = name or ref.tag_or_digest
         url = self._session.url(ref.repository, "manifests", wanted)
         response = self._session.request(
-            "GET", url, scopes=self._pull_scope(), headers={"Accept": _ACCEPT}
+            "GET", url, scopes=self._pull_scope(), headers={"Accept": _ACCEPT}, limit=MAX_MANIFEST
         )
         if response.status_code == 404:
             raise NotFoundError(f"{ref}: no manifest {wanted} ({_error_text(response)})")
         if response.status_code != 200:
             raise _failure(response, f"{ref}: manifest {wanted}")
-        data = response.content
-        if len(data) > MAX_JSON:
-            raise InvalidError(f"{ref}: the manifest {wanted} is too large")
+        data = response.body
+        if data is None:
+            raise InvalidError(f"{ref}: the manifest {wanted} is larger than {MAX_MANIFEST} bytes")
         expected = wanted if ":" in wanted else response.headers.get("Docker-Content-Digest", "")
         algorithm = parse_digest(expected).partition(":")[0] if expected else "sha256"
         digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
@@ -495,14 +780,15 @@ class RegistryProvider:
 
 
 class _BlobStream(io.RawIOBase):
-    """The body of a blob response; a break, or an end before the descriptor's size, is a
-    `CacheError` naming the reference."""
+    """The decoded body of a blob response; a break, a missed deadline, or an end before
+    the descriptor's size, is a `CacheError` naming the reference."""
 
-    def __init__(self, response: httpx.Response, desc: Descriptor, ref: Reference) -> None:
+    def __init__(
+        self, response: httpx.Response, body: BinaryIO, desc: Descriptor, ref: Reference
+    ) -> None:
         super().__init__()
         self._response = response
-        self._chunks = response.iter_bytes(_CHUNK)
-        self._pending = b""
+        self._body = body
         self._desc = desc
         self._ref = ref
         self._count = 0
@@ -511,24 +797,18 @@ class _BlobStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        if not self._pending:
-            try:
-                self._pending = next(self._chunks, b"")
-            except httpx.HTTPError as err:
-                raise CacheError(
-                    f"{self._ref}: reading blob {self._desc.digest} failed after "
-                    f"{self._count} bytes: {err}"
-                ) from err
-            if not self._pending and self._count < self._desc.size:
-                raise CacheError(
-                    f"{self._ref}: blob {self._desc.digest} ended after {self._count} of "
-                    f"{self._desc.size} bytes"
-                )
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        self._count += n
-        return n
+        try:
+            data = self._body.read(min(len(buffer), _CHUNK))
+        except CacheError as err:
+            raise type(err)(f"blob {self._desc.digest}: {err}") from err
+        if not data and self._count < self._desc.size:
+            raise CacheError(
+                f"{self._ref}: blob {self._desc.digest} ended after {self._count} of "
+                f"{self._desc.size} bytes"
+            )
+        buffer[: len(data)] = data
+        self._count += len(data)
+        return len(data)
 
     def close(self) -> None:
         self._response.close()
@@ -543,6 +823,7 @@ def pull(
     insecure: bool = False,
     plain_http: bool = False,
     ca_file: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
     extract: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ImmutableRef:
@@ -554,13 +835,14 @@ def pull(
     this machine's platform. Every layer blob is checked to be in the registry before any
     record is made, and the reference is recorded as the records' image ref (a later push
     to the same host mounts from that repository). With `extract` the chain is pulled and
-    unpacked; on error, the records this call made are removed.
+    unpacked; on error, the records this call made are removed. `timeout` is as for
+    `RegistryProvider`.
     """
     ref = parse_reference(reference)
     if ref.tag is None and ref.digest is None:
         ref = Reference(ref.host, ref.repository, "latest")
     provider = RegistryProvider(
-        ref, auth=auth, insecure=insecure, plain_http=plain_http, ca_file=ca_file
+        ref, auth=auth, insecure=insecure, plain_http=plain_http, ca_file=ca_file, timeout=timeout
     )
     where = str(ref)
     top, document = provider.manifest()
@@ -602,6 +884,7 @@ def push(
     insecure: bool = False,
     plain_http: bool = False,
     ca_file: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
     chunk_size: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> Descriptor:
@@ -613,7 +896,8 @@ def push(
     skipped; one whose `containerd.io/distribution.source.<host>` annotation names another
     repository on the target's host is mounted from there when the registry allows it;
     others are uploaded whole, or in `chunk_size` pieces (`PATCH`). The manifest goes last.
-    `progress` hears `start`, `bytes` and `end` for every layer blob.
+    `progress` hears `start`, `bytes` and `end` for every layer blob. `timeout` is as for
+    `RegistryProvider`.
     """
     target_ref = parse_reference(target)
     if target_ref.digest is not None:
@@ -624,7 +908,9 @@ def push(
         target_ref = Reference(target_ref.host, target_ref.repository, "latest")
     remote = ref.get_remote(compression=compression, force_compression=force_compression)
     image = image_of(ref, remote)
-    session = _Session(target_ref, _as_credentials(auth), _tls(insecure, plain_http, ca_file))
+    session = _Session(
+        target_ref, _as_credentials(auth), _tls(insecure, plain_http, ca_file), timeout
+    )
     try:
         uploader = _Uploader(session, target_ref, chunk_size, progress)
         errors: list[BaseException] = []
@@ -805,7 +1091,7 @@ class _Uploader:
         return location
 
 
-def _location(response: httpx.Response, what: str) -> str:
+def _location(response: _Answer, what: str) -> str:
     location = response.headers.get("Location")
     if not location:
         raise CacheError(f"{what}: the registry's answer has no Location")

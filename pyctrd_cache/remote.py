@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Final, Literal, Protocol, runtime_checkable
 
 from . import _validate
+from ._layout_files import LayoutFiles, blob_parts
 from .client.types import Descriptor
-from .compression import parse_digest
 from .errors import InvalidError, NotFoundError
 
 __all__ = [
@@ -80,14 +80,25 @@ class DescHandler:
 DescHandlers = Mapping[str, DescHandler]
 
 
+_MAX_LAYOUT_FILE: Final = 4096
+
+
 class OCILayoutProvider:
-    """Serves the blobs of an OCI image layout directory (`blobs/<algorithm>/<hex>`)."""
+    """Serves the blobs of an OCI image layout directory (`blobs/<algorithm>/<hex>`).
+
+    The layout is not trusted: its entries are reached without following symlinks, and a
+    symlink, FIFO or device where a file or directory should be is an `InvalidError`."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
         self.path = pathlib.Path(path)
+        self._files = LayoutFiles(self.path)
         layout = self.path / "oci-layout"
         try:
-            version = json.loads(layout.read_text()).get("imageLayoutVersion")
+            version = json.loads(self._files.read(["oci-layout"], _MAX_LAYOUT_FILE)).get(
+                "imageLayoutVersion"
+            )
+        except InvalidError as err:
+            raise InvalidError(f"{self.path} is not an OCI image layout: {err}") from None
         except (OSError, ValueError, AttributeError):
             raise InvalidError(
                 f"{self.path} is not an OCI image layout (no valid {layout.name})"
@@ -97,13 +108,13 @@ class OCILayoutProvider:
 
     def blob_path(self, digest: str) -> pathlib.Path:
         """Where the layout keeps the blob of `digest` (checked to be sha256)."""
-        algorithm, _, hex_digest = parse_digest(digest).partition(":")
-        return self.path / "blobs" / algorithm / hex_digest
+        return self._files.path(blob_parts(digest))
 
     def open(self, desc: Descriptor) -> BinaryIO:
-        """A readable stream of the blob; `NotFoundError` when the layout does not have it."""
+        """A readable stream of the blob; `NotFoundError` when the layout does not have it,
+        `InvalidError` when it, or a directory on the way, is a symlink or not regular."""
         try:
-            return open(self.blob_path(desc.digest), "rb")
+            return self._files.open(blob_parts(desc.digest))
         except FileNotFoundError:
             raise NotFoundError(
                 f"blob {desc.digest} is not in the OCI layout {self.path}"

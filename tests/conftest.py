@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fix_containerd", "tests.registry_fix", "tests.stargz_fix"]
+pytest_plugins = [
+    "tests.fix_containerd",
+    "tests.registry_fix",
+    "tests.stargz_fix",
+    "tests.hostile_fix",
+]

@@ -18,13 +18,14 @@ import os
 import pathlib
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import bcrypt
@@ -33,6 +34,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from pyctrd_cache import Manager
@@ -62,8 +64,16 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[_Server]:
+def serving(
+    handler: type[http.server.BaseHTTPRequestHandler],
+    tls: tuple[pathlib.Path, pathlib.Path] | None = None,
+) -> Iterator[_Server]:
+    """A server on 127.0.0.1, over HTTPS with the certificate and key `tls` if given."""
     server = _Server(("127.0.0.1", 0), handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -75,6 +85,30 @@ def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[_Serv
 
 
 # The token server.
+
+
+def self_signed(
+    key: CertificateIssuerPrivateKeyTypes,
+    common_name: str,
+    names: Sequence[x509.GeneralName] = (),
+) -> x509.Certificate:
+    """A self-signed CA certificate of `key`, valid from an hour ago for a day, for the
+    subject alternative `names` if any."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, hashes.SHA256())
 
 
 @dataclass
@@ -90,19 +124,7 @@ class TokenServer:
 
     def __post_init__(self) -> None:
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pyctrd test token issuer")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
+        cert = self_signed(self._key, "pyctrd test token issuer")
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self._x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
 

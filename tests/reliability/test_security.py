@@ -7,6 +7,10 @@ the state directory and its files (metadata.py, fixed names), the temporary moun
 (refs.py, mkdtemp), the embedded daemon's directory (embedded.py, fixed names), and OCI
 layouts (remote.py and oci.py: `blobs/<algorithm>/<hex>` from a digest checked to be sha256
 and 64 hex digits first). The tests below aim digests and layout entries at paths outside.
+
+The attacker tests of issue 16 (tests/integration/test_hostile_registry.py,
+test_hostile_layouts.py and tests/unit/test_state_dir.py: hostile registries, layouts, tars
+and state directories) count in this category too, as `attacks` and `refused`.
 """
 
 from __future__ import annotations
