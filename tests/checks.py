@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import pathlib
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Mapping
+from datetime import timedelta
 
 from pyctrd_cache import Manager
 from pyctrd_cache.client import Client
 from pyctrd_cache.manager import OWNER_LABEL
+from pyctrd_cache.metadata import DB_NAME
 from tests.fix_containerd import ROOT, SNAPSHOTTER, Daemon, Managers
 
 
@@ -60,3 +65,15 @@ def run_killed_child(
     )
     assert child.returncode == -signal.SIGKILL, child.stderr
     return child.stdout
+
+
+def back_date(state_dir: pathlib.Path, record_id: str, ago: timedelta) -> None:
+    """Sets the last use of a record `ago` back, in the metadata store under `state_dir`
+    (no manager may have it open)."""
+    when = time.time_ns() - int(ago.total_seconds() * 10**9)
+    with sqlite3.connect(state_dir / DB_NAME) as db:
+        updated = db.execute(
+            "UPDATE records SET last_used_at = ? WHERE id = ?", (when, record_id)
+        ).rowcount
+    db.close()
+    assert updated == 1, record_id

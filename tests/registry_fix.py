@@ -341,7 +341,7 @@ def _start_registry(
 @contextlib.contextmanager
 def _registry(auth: str) -> Iterator[Registry]:
     if not os.path.exists(REGISTRY_BINARY):
-        pytest.skip("needs Debian's docker-registry (scripts/setup installs it)")
+        pytest.fail(f"{REGISTRY_BINARY} is missing: scripts/setup installs it")
     work = pathlib.Path(tempfile.mkdtemp(prefix="registry-", dir="/tmp"))
     tokens = None
     with contextlib.ExitStack() as stack:

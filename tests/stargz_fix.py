@@ -104,6 +104,7 @@ class Request:
     method: str
     path: str
     range: str | None
+    content_range: str | None = None
 
 
 @dataclass
@@ -132,10 +133,19 @@ def registry_proxy(open_registry: Registry) -> Iterator[CountingProxy]:
 
         def _forward(self) -> None:
             with lock:
-                proxy.requests.append(Request(self.command, self.path, self.headers.get("Range")))
+                proxy.requests.append(
+                    Request(
+                        self.command,
+                        self.path,
+                        self.headers.get("Range"),
+                        self.headers.get("Content-Range"),
+                    )
+                )
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            # The Host header goes on as it came: the registry names the proxy in the
+            # Location of an upload, so the upload's later requests come through it too.
+            headers = dict(self.headers.items())
             connection = http.client.HTTPConnection(upstream, timeout=60)
             try:
                 connection.request(self.command, self.path, body=body, headers=headers)

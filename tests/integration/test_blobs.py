@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +24,7 @@ from pyctrd_cache import (
     NotFoundError,
     ProgressEvent,
     PrunePolicy,
+    refs,
 )
 from pyctrd_cache.client import Client
 from tests.checks import blob_count, check_disk_usage, gc, owned_leases, snapshot_names
@@ -304,6 +307,23 @@ def test_lazy_chain_is_pulled_and_extracted_with_progress(
     assert snapshot_names(client) == []
 
 
+def waiting_inside_extract(threads: list[threading.Thread]) -> bool:
+    """Whether every thread is blocked (on a lock, condition or join) inside
+    `ImmutableRef.extract`."""
+    frames = sys._current_frames()
+    for thread in threads:
+        frame = frames.get(thread.ident) if thread.ident is not None else None
+        if frame is None or frame.f_code.co_filename != threading.__file__:
+            return False
+        calls = set()
+        while frame is not None:
+            calls.add((frame.f_code.co_filename, frame.f_code.co_name))
+            frame = frame.f_back
+        if (refs.__file__, "extract") not in calls:
+            return False
+    return True
+
+
 def test_concurrent_extractions_share_one_pull(managers: Managers) -> None:
     cm = managers.open()
     blob, desc = layer({"big": b"x" * (4 << 20)})
@@ -321,9 +341,15 @@ def test_concurrent_extractions_share_one_pull(managers: Managers) -> None:
     threads = [threading.Thread(target=c.extract) for c in clones]
     for t in threads:
         t.start()
+    # The gate opens once all six wait inside extract: one on the gate, the others on it
+    # (or after 30 s, within the provider's 60 s stall timeout).
+    deadline = time.monotonic() + 30
+    while not (inside := waiting_inside_extract(threads)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     gate.set()
     for t in threads:
         t.join()
+    assert inside, "the extractions were never all waiting inside extract at once"
     assert provider.opened == {desc.digest: 1}
     assert not ref.info().blob_only
     for c in (ref, *clones):

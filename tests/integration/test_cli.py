@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -30,6 +29,7 @@ from pyctrd_cache._progress import (
 )
 from pyctrd_cache.cli import parse_duration, parse_size, split_layout
 from pyctrd_cache.client import Client
+from tests.checks import back_date
 from tests.cli_runs import Cli, one_line_error, run
 from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 from tests.layers import make_tar
@@ -399,12 +399,13 @@ def test_prune_keep_duration(managers: Managers, cli: Cli) -> None:
     cm = open_cache(managers, cli)
     old = committed(cm, {"old": b"o"}, description="old")
     recent = committed(cm, {"recent": b"r"}, description="recent")
-    time.sleep(2.5)
     cm.get(recent).release()
     cm.close()
+    # Last used two hours ago: an hour's margin either side of the durations asked below.
+    back_date(cli.state, old, timedelta(hours=2))
 
-    assert cli.json("prune", "--keep-duration", "1h")["removed"] == []
-    document = cli.json("prune", "--keep-duration", "2s")
+    assert cli.json("prune", "--keep-duration", "3h")["removed"] == []
+    document = cli.json("prune", "--keep-duration", "1h")
     assert [r["id"] for r in document["removed"]] == [old]
     assert [r["id"] for r in cli.json("du")["records"]] == [recent]
 
@@ -486,7 +487,9 @@ def test_import_export_pull(managers: Managers, cli: Cli, tmp_path: pathlib.Path
     assert pulled in listed
     info = json.loads(other.ok("inspect", pulled))
     assert info["blob_only"] is True
-    assert info["parent_id"] is not None
+    [parent] = set(listed) & {r["id"] for r in other.json("du")["records"]} - {pulled}
+    assert info["parent_id"] == parent
+    assert json.loads(other.ok("inspect", parent))["parent_id"] is None
     assert info["media_type"] == "application/vnd.oci.image.layer.v1.tar+zstd"
     assert other.ok("pull", f"{layout}:v1", "--extract").strip() == pulled
     assert len(other.json("du")["records"]) == 2
@@ -564,19 +567,23 @@ def test_progress_on_a_terminal_only(cli: Cli, tmp_path: pathlib.Path) -> None:
 
 
 def test_interrupt_exits_130(tmp_path: pathlib.Path) -> None:
-    # A socket nobody accepts on: the command keeps retrying until interrupted.
-    path = tmp_path / "refusing.sock"
+    # A socket that accepts and never answers: the command waits on it until interrupted,
+    # and the accepted connection shows it got that far.
+    path = tmp_path / "silent.sock"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
+        sock.listen()
+        sock.settimeout(60)
         with subprocess.Popen(
             [sys.executable, "-m", "pyctrd_cache.cli", "--address", str(path), "du"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         ) as process:
-            time.sleep(2)
-            process.send_signal(signal.SIGINT)
-            stdout, stderr = process.communicate(timeout=30)
+            connection, _ = sock.accept()
+            with connection:
+                process.send_signal(signal.SIGINT)
+                stdout, stderr = process.communicate(timeout=30)
     assert (process.returncode, stdout) == (130, ""), stderr
 
 

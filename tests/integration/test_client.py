@@ -11,6 +11,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 import zstandard
@@ -64,6 +65,7 @@ def _lease(client: Client) -> Client:
 
 
 def test_snapshots_life_cycle(client: Client) -> None:
+    started = datetime.now(UTC)
     leased = _lease(client)
     sn = leased.snapshots(SNAPSHOTTER)
 
@@ -80,6 +82,7 @@ def test_snapshots_life_cycle(client: Client) -> None:
     assert info.kind is SnapshotKind.COMMITTED
     assert info.labels == {"b": "2"}
     assert info.created_at is not None
+    assert started <= info.created_at <= datetime.now(UTC)
     with pytest.raises(NotFoundError) as missing:
         sn.stat("base-active")
     assert missing.value.rpc == "Snapshots.Stat"

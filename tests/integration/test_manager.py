@@ -255,10 +255,11 @@ def test_retain_policy_keeps_a_released_mutable(managers: Managers) -> None:
 
 
 def test_metadata_setters_persist(managers: Managers) -> None:
+    started = datetime.now(UTC)
     cm = managers.open()
     created = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
     active = cm.new(
-        cache_policy=CachePolicy.RETAIN,
+        cache_policy=CachePolicy.DEFAULT,
         description="first",
         record_type=RecordType.CACHE_MOUNT,
         created_at=created,
@@ -269,6 +270,7 @@ def test_metadata_setters_persist(managers: Managers) -> None:
     snap.set_description("second")
     snap.set_record_type(RecordType.INTERNAL)
     snap.set_layer_type("windows")
+    assert snap.info().cache_policy is CachePolicy.DEFAULT
     snap.set_cache_policy(CachePolicy.RETAIN)
     snap.set_external("k", b"\x00\x01")
     with pytest.raises(NotFoundError):
@@ -290,6 +292,7 @@ def test_metadata_setters_persist(managers: Managers) -> None:
         assert ref.get_external("k") == b"\x00\x01"
         assert info.usage_count == 1
         assert info.last_used_at is not None
+        assert started <= info.last_used_at <= datetime.now(UTC)
 
 
 def test_size_counts_snapshot_usage_once_and_is_cached(managers: Managers) -> None:

@@ -242,8 +242,35 @@ def test_lazy_remote_is_served_by_its_provider(managers: Managers, client: Clien
     with remote.provider.open(d) as f:
         assert f.read() == blob
     assert not ref.is_lazy()
-    remote.unlazy()
     assert provider.opened == {desc.digest: 1}
+    ref.release()
+
+
+def test_unlazy_pulls_a_lazy_chain_with_one_open_each(managers: Managers, client: Client) -> None:
+    cm = managers.open()
+    provider = BytesProvider()
+    handlers: dict[str, DescHandler] = {}
+    ref: ImmutableRef | None = None
+    for files in ({"base": b"1"}, {"top": b"2"}):
+        blob, desc = layer(files)
+        provider.add(blob)
+        handlers[desc.digest] = DescHandler(provider)
+        parent = ref
+        ref = cm.get_by_blob(desc, parent, desc_handlers=handlers)
+        if parent is not None:
+            parent.release()
+    assert ref is not None
+    remote = ref.get_remote(compression=Compression.GZIP)
+    digests = [d.digest for d in remote.descriptors]
+    assert ref.is_lazy()
+    assert blob_count(client) == 0
+    remote.unlazy()
+    assert not ref.is_lazy()
+    assert provider.opened == dict.fromkeys(digests, 1)
+    assert sorted(i.digest for i in client.content.list()) == sorted(digests)
+    # Local now: a second unlazy opens nothing.
+    remote.unlazy()
+    assert provider.opened == dict.fromkeys(digests, 1)
     ref.release()
 
 

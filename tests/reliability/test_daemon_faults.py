@@ -1,7 +1,9 @@
 """Daemon crashes: containerd killed with SIGKILL, or stopped gracefully, while a child runs
 the mixed workload, then started again. The child keeps its manager open throughout: calls
 that can be repeated succeed by retry, the others fail with `UnavailableError` (the workload
-tolerates only that class), and after reopening the invariants hold."""
+tolerates only that class), and after reopening the invariants hold. containerd stays down
+until the child reports a call that failed for its absence, so every trial had a call in
+flight during the outage."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from tests.reliability.invariants import Trials
 
 ROUNDS = tally.scaled(ci=3, long=20)
 WORK_SECONDS = 4.0
+# How long containerd stays down at most, waiting for the child to notice.
+OUTAGE_TIMEOUT = 30.0
 
 
 @pytest.mark.parametrize("how", ["sigkill", "graceful"])
@@ -27,7 +31,7 @@ def test_daemon_goes_down_mid_workload(
     embedded = daemon.restartable()
     rng = random.Random(f"{how}-{daemon.name}")
     trials = Trials()
-    unavailable = steps = 0
+    unavailable = steps = faults = 0
     for trial in range(ROUNDS):
         with WorkloadChild(
             daemon,
@@ -39,24 +43,31 @@ def test_daemon_goes_down_mid_workload(
         ) as child:
             child.wait_ready()
             time.sleep(rng.uniform(0.5, 2.5))
+            before = child.faults
             if how == "sigkill":
                 embedded.kill()
             else:
                 embedded.stop()
-            time.sleep(rng.uniform(0.1, 1.5))
+            noticed = child.wait_fault(before, OUTAGE_TIMEOUT)
+            time.sleep(rng.uniform(0.0, 1.0))
             embedded.start()
             code = child.wait(120)
             if code != 0 or child.done is None:
                 trials.problems.append(f"trial {trial}: workload exited {code}: {child.stderr()}")
                 continue
+            if not noticed:
+                trials.problems.append(f"trial {trial}: no call was in flight during the outage")
+                continue
         steps += child.done[0]
         unavailable += child.done[1]
+        faults += child.faults - before
         trials.check(trial, managers, client, daemon, child.kept)
     tally.add(
         f"daemon {how}",
         trials=ROUNDS,
         faults_survived=trials.survived,
         operations=steps,
+        calls_failed_in_outage=faults,
         unavailable_errors=unavailable,
         records_lost=trials.records_lost,
         leaks=trials.leaks,

@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import pytest
 
@@ -92,7 +93,7 @@ def check_records(cm: Manager, client: Client, trees: Trees) -> int:
 
 def ctr_rows(daemon: Daemon, namespace: str, *args: str) -> list[str]:
     """The rows (header dropped) of a `ctr` listing of the namespace."""
-    assert daemon.ctr is not None
+    assert daemon.ctr is not None, "ctr is needed for the store damage tests"
     out = subprocess.run(
         [daemon.ctr, "-a", daemon.address, "-n", namespace, *args],
         capture_output=True,
@@ -103,40 +104,58 @@ def ctr_rows(daemon: Daemon, namespace: str, *args: str) -> list[str]:
     return out.splitlines()[1:]
 
 
-def leaks_after_prune(cm: Manager, client: Client, daemon: Daemon) -> int:
-    """Prunes everything; the snapshots, blobs and leases left, by containerd's listings."""
+def left_after_prune(cm: Manager, client: Client, daemon: Daemon) -> list[str]:
+    """Prunes everything; the records, leases, snapshots and blobs left, by the manager's,
+    containerd's and `ctr`'s listings."""
     cm.prune(PrunePolicy(all=True))
-    assert cm.disk_usage() == []
-    left = [
-        *client.leases.list(),
-        *client.snapshots(SNAPSHOTTER).list(),
-        *client.content.list(),
+    ns = client.namespace
+    return [
+        *(f"record {u.id}" for u in cm.disk_usage()),
+        *(f"lease {x.id}" for x in client.leases.list()),
+        *(f"snapshot {x.name}" for x in client.snapshots(SNAPSHOTTER).list()),
+        *(f"blob {x.digest}" for x in client.content.list()),
+        *(
+            f"ctr snapshot {r}"
+            for r in ctr_rows(daemon, ns, "snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+        ),
+        *(f"ctr blob {r}" for r in ctr_rows(daemon, ns, "content", "ls")),
+        *(f"ctr lease {r}" for r in ctr_rows(daemon, ns, "leases", "ls")),
     ]
-    leaks = len(left)
-    if daemon.ctr is not None:
-        ns = client.namespace
-        listed = [
-            *ctr_rows(daemon, ns, "snapshots", "--snapshotter", SNAPSHOTTER, "ls"),
-            *ctr_rows(daemon, ns, "content", "ls"),
-            *ctr_rows(daemon, ns, "leases", "ls"),
-        ]
-        leaks = max(leaks, len(listed))
-        assert listed == [], listed
-    assert left == [], left
-    return leaks
 
 
-def reopen_after_fault(
-    managers: Managers, client: Client, daemon: Daemon, trees: Trees
-) -> tuple[bool, int]:
-    """Opens after the fault, with `repair=True` when refused; checks the invariants and that
-    nothing leaks; returns (refused, records lost) after adding the figures."""
+@dataclass
+class Outcome:
+    """What reopening after a fault found: whether `open` refused, whether the
+    `repair=True` open then succeeded, how many of the records were lost, and what a full
+    prune left."""
+
+    refused: bool
+    repaired: bool
+    lost: int
+    left: list[str]
+
+    def tally(self) -> None:
+        """Adds the fault to the figures; called once the test's asserts passed."""
+        tally.add(
+            "store damage",
+            faults=1,
+            refused=int(self.refused),
+            repaired=int(self.repaired),
+            records_given_up_by_repair=self.lost if self.repaired else 0,
+            records_lost_silently=0 if self.refused else self.lost,
+            leaks=len(self.left),
+        )
+
+
+def reopen_after_fault(managers: Managers, client: Client, daemon: Daemon, trees: Trees) -> Outcome:
+    """Opens after the fault, with `repair=True` when refused; checks the records left and
+    that a reopen keeps them, then prunes everything."""
     damaged: StoreDamagedError | None = None
+    repaired = False
     try:
         cm = managers.open()
     except StoreDamagedError as err:
         damaged = err
-    refused = damaged is not None
     if damaged is not None:
         assert str(managers.state_dir / DB_NAME) in str(damaged)
         assert "repair=True" in str(damaged)
@@ -147,6 +166,7 @@ def reopen_after_fault(
             state_dir=managers.state_dir,
             repair=True,
         )
+        repaired = True
         managers.opened.append(cm)
     lost = check_records(cm, client, trees)
     # Whatever open kept, it keeps on the next open too.
@@ -154,17 +174,7 @@ def reopen_after_fault(
     cm.close()
     cm = managers.open()
     assert sorted(s.info.id for s in cm.records()) == kept
-    leaks = leaks_after_prune(cm, client, daemon)
-    tally.add(
-        "store damage",
-        faults=1,
-        refused=int(refused),
-        repaired=int(not refused or lost > 0),
-        records_given_up_by_repair=lost if refused else 0,
-        records_lost_silently=0 if refused else lost,
-        leaks=leaks,
-    )
-    return refused, lost
+    return Outcome(damaged is not None, repaired, lost, left_after_prune(cm, client, daemon))
 
 
 def truncate_to_nothing(path: pathlib.Path) -> None:
@@ -188,13 +198,15 @@ def test_truncated_database_is_refused_then_repaired(
     cm.close()
     damage(managers.state_dir / DB_NAME)
 
-    refused, lost = reopen_after_fault(managers, client, daemon, trees)
+    outcome = reopen_after_fault(managers, client, daemon, trees)
     # Every record was in the lost part of the file: nothing is silently forgotten.
-    assert refused
-    assert lost == len(trees)
+    assert outcome.repaired
+    assert outcome.lost == len(trees)
+    assert outcome.left == []
     assert managers.opened[-1].manager_id == manager_id
     if damage is truncate_to_half:
         assert list(managers.state_dir.glob(DB_NAME + ".damaged-*"))
+    outcome.tally()
 
 
 @pytest.mark.parametrize("which", ["leaf", "parent"])
@@ -217,10 +229,12 @@ def test_removed_row_is_refused_then_given_up(
     # Refusing changed nothing in containerd.
     assert removed in {lease.id for lease in client.leases.list()}
 
-    refused, lost = reopen_after_fault(managers, client, daemon, trees)
-    assert refused
+    outcome = reopen_after_fault(managers, client, daemon, trees)
+    assert outcome.repaired
     # Records built on a lost one go with it.
-    assert lost == (2 if which == "leaf" else 3)
+    assert outcome.lost == (2 if which == "leaf" else 3)
+    assert outcome.left == []
+    outcome.tally()
 
 
 def test_deleted_write_ahead_log_after_sigkill(
@@ -235,9 +249,11 @@ def test_deleted_write_ahead_log_after_sigkill(
     assert wal.stat().st_size > 0
     wal.unlink()
 
-    refused, lost = reopen_after_fault(managers, client, daemon, trees)
-    assert refused
-    assert lost == len(trees)
+    outcome = reopen_after_fault(managers, client, daemon, trees)
+    assert outcome.repaired
+    assert outcome.lost == len(trees)
+    assert outcome.left == []
+    outcome.tally()
 
 
 def test_id_file_that_disagrees_with_the_database_is_refused(tmp_path: pathlib.Path) -> None:

@@ -12,7 +12,8 @@ the workload's own prunes (`description!=keep`) never take them; the tests' fina
 
 Run as a child process: `python -m tests.reliability.workload ADDRESS NAMESPACE STATE_DIR
 SEED SECONDS [--tolerate-unavailable]`. It prints `ready`, then `keep <id> <digest>` for each
-kept record, and, when it ran its time out, `done <steps> <unavailable>`.
+kept record, `fault` for each call that containerd's absence made retry or give up with
+`UnavailableError`, and, when it ran its time out, `done <steps> <unavailable>`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from tenacity import Retrying
+
 from pyctrd_cache import (
     CachePolicy,
     Compression,
@@ -38,6 +41,7 @@ from pyctrd_cache import (
     PrunePolicy,
     UnavailableError,
 )
+from pyctrd_cache.client._transport import Transport
 from tests.layers import TAR, TAR_GZIP, TAR_ZSTD, BytesProvider, layer, make_tar
 
 KEEP = "keep"
@@ -76,10 +80,12 @@ class Workload:
         report: Callable[[str, str], None],
         *,
         tolerate_unavailable: bool = False,
+        fault: Callable[[], None] = lambda: None,
     ) -> None:
         self.cm = cm
         self.report = report
         self.tolerate_unavailable = tolerate_unavailable
+        self.fault = fault
         self.provider = BytesProvider()
         self._mu = threading.Lock()
         self.kept: list[str] = []
@@ -116,6 +122,7 @@ class Workload:
         except UnavailableError:
             if not self.tolerate_unavailable:
                 raise
+            self.fault()
             with self._mu:
                 self.unavailable += 1
         with self._mu:
@@ -222,6 +229,16 @@ class Workload:
             self.cm.disk_usage()
 
 
+def report_retries(fault: Callable[[], None]) -> None:
+    """Calls `fault` before each retry of a repeatable call; the retry policy is unchanged."""
+    retrying = Transport.retrying
+
+    def reporting(transport: Transport) -> Retrying:
+        return retrying(transport).copy(before_sleep=lambda _: fault())
+
+    Transport.retrying = reporting  # type: ignore[method-assign,assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("address")
@@ -232,8 +249,21 @@ def main() -> None:
     parser.add_argument("--tolerate-unavailable", action="store_true")
     args = parser.parse_args()
 
+    printing = threading.Lock()
+
+    def say(*words: object) -> None:
+        """One whole line to the parent, whichever thread calls (retries come from the
+        threads of parallel pulls too)."""
+        with printing:
+            print(*words, flush=True)
+
     def report(record_id: str, digest: str) -> None:
-        print("keep", record_id, digest, flush=True)
+        say("keep", record_id, digest)
+
+    def fault() -> None:
+        say("fault")
+
+    report_retries(fault)
 
     cm = Manager.open(
         args.address,
@@ -241,15 +271,15 @@ def main() -> None:
         state_dir=args.state_dir,
         snapshotter="overlayfs",
     )
-    work = Workload(cm, report, tolerate_unavailable=args.tolerate_unavailable)
+    work = Workload(cm, report, tolerate_unavailable=args.tolerate_unavailable, fault=fault)
     rng = random.Random(args.seed)
-    print("ready", flush=True)
+    say("ready")
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:
         work.step(rng)
     with contextlib.suppress(UnavailableError):
         cm.close()
-    print("done", work.steps, work.unavailable, flush=True)
+    say("done", work.steps, work.unavailable)
 
 
 if __name__ == "__main__":
