@@ -319,7 +319,7 @@ def waiting_inside_extract(threads: list[threading.Thread]) -> bool:
         while frame is not None:
             calls.add((frame.f_code.co_filename, frame.f_code.co_name))
             frame = frame.f_back
-        if (refs.__file__, "extract") not in calls:
+        if (refs.ImmutableRef.extract.__code__.co_filename, "extract") not in calls:
             return False
     return True
 

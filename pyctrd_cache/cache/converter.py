@@ -1,0 +1,145 @@
+"""Compression variants of a record's blob (BuildKit's cache/converter.go): a blob streamed
+out of the content store, checked against its diff id, recompressed (or rewritten as
+eStargz) and written back, then recorded as a variant held by the record's lease
+(`blobs.add_compression_blob`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from .._streams import ChunkReader, ChunkWriter
+from .._tasks import pipelined, produced
+from ..client import Client, Descriptor
+from ..compression import (
+    Compression,
+    compressed_chunks,
+    decompressed_chunks,
+    media_type_for,
+    needs_conversion,
+)
+from ..errors import CacheError, InvalidError, NotFoundError
+from ..estargz import EStargzLayer, write_estargz
+from ..remote import DescHandlers
+from .blobs import (
+    CHUNK,
+    UNCOMPRESSED_LABEL,
+    add_compression_blob,
+    commit_written,
+    compression_of,
+    get_compression_blob,
+    oci_desc,
+    unlazy,
+)
+
+if TYPE_CHECKING:
+    from ._core import Core
+    from .refs import _Record
+
+log = logging.getLogger("pyctrd_cache.blobs")
+
+
+def ensure_compression(
+    rec: _Record, dhs: DescHandlers, leased: Client, compression: Compression
+) -> None:
+    """Makes sure the record has a `compression` variant (a lazy blob that already is of
+    that compression stays lazy)."""
+    core = rec.core
+
+    def ensure() -> None:
+        desc = oci_desc(rec, dhs)
+        if not needs_conversion(desc.media_type, desc.annotations, compression):
+            if not rec.is_lazy():
+                add_compression_blob(rec, desc, compression)
+            return
+        with contextlib.suppress(NotFoundError):
+            get_compression_blob(rec, compression)
+            return
+        unlazy(rec, desc, dhs.get(desc.digest))
+        variant = convert(core, leased, desc, compression, rec.md.diff_id)
+        add_compression_blob(rec, variant, compression)
+        log.debug("made the %s variant %s of %s", compression.value, variant.digest, desc.digest)
+
+    core.flight.do(f"compress-{rec.id}-{compression.value}", ensure)
+
+
+def convert(
+    core: Core, leased: Client, desc: Descriptor, target: Compression, diff_id: str
+) -> Descriptor:
+    """Streams the blob `desc` out of the content store, decompresses it, checks that it
+    unpacks to `diff_id`, recompresses it as `target` and writes it back.
+
+    An eStargz layer unpacks to a tar of its own (the landmark first, the table of contents
+    last): its descriptor and its `containerd.io/uncompressed` label carry that tar's digest,
+    and the descriptor the eStargz annotations.
+    """
+    source = compression_of(desc.media_type)
+    uncompressed = hashlib.sha256()
+    compressed = hashlib.sha256()
+    estargz_layers: list[EStargzLayer] = []
+
+    def tee() -> Iterator[bytes]:
+        for chunk in decompressed_chunks(core.client.content.read(desc.digest), source):
+            uncompressed.update(chunk)
+            yield chunk
+
+    def write_layer(put: Callable[[bytes], None]) -> None:
+        with contextlib.closing(pipelined(tee())) as chunks:
+            tar = io.BufferedReader(ChunkReader(chunks), CHUNK)
+            sink = io.BufferedWriter(ChunkWriter(put), CHUNK)
+            estargz_layers.append(write_estargz(tar, sink))
+            sink.flush()
+            # The writer stops at the end-of-archive marker: the rest still counts for the
+            # diff id check.
+            while tar.read(CHUNK):
+                pass
+
+    def compress() -> Iterator[bytes]:
+        chunks: Iterator[bytes]
+        if target is Compression.ESTARGZ:
+            chunks = produced(write_layer)
+        else:
+            chunks = compressed_chunks(pipelined(tee()), target)
+        for chunk in chunks:
+            compressed.update(chunk)
+            yield chunk
+
+    ingest = f"convert-{desc.digest}-{target.value}"
+    size = 0
+    with leased.content.writer(ingest) as writer:
+        if writer.offset:
+            writer.truncate()
+        try:
+            # Reading and decompressing, compressing, and writing run in threads of their own
+            # (eStargz in one more: its writer pulls the tar): the codecs and the hashes
+            # release the GIL, so the stages overlap on several cores.
+            for chunk in pipelined(compress()):
+                size += len(chunk)
+                writer.write(chunk)
+            seen = "sha256:" + uncompressed.hexdigest()
+            if seen != diff_id:
+                raise InvalidError(
+                    f"layer {desc.digest} decompresses to {seen}, not to its diff id {diff_id}"
+                )
+            digest = "sha256:" + compressed.hexdigest()
+            if estargz_layers:
+                annotations = estargz_layers[0].annotations()
+            else:
+                annotations = {UNCOMPRESSED_LABEL: diff_id}
+            labels = (
+                {}
+                if target is Compression.UNCOMPRESSED
+                else {UNCOMPRESSED_LABEL: annotations[UNCOMPRESSED_LABEL]}
+            )
+            commit_written(leased, writer, size=size, digest=digest, labels=labels)
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(CacheError):
+                leased.content.abort(ingest)
+            raise
+    return Descriptor(media_type_for(target), digest, size, annotations)

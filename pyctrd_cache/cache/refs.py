@@ -1,0 +1,699 @@
+"""Cache records and the counted handles on them (BuildKit's cache/refs.go).
+
+Locking rules, as in BuildKit: the manager lock is taken before any record lock; a record
+lock is shared by records that share data (a mutable record and its equal immutable);
+methods whose names start with `_` expect the caller to hold the record lock unless they
+say otherwise. A child's record lock may be held while its parent's is taken, never the
+other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, BinaryIO
+
+from .. import _validate
+from .._faults import crash_point
+from ..client import Descriptor, Mount
+from ..compression import Compression
+from ..errors import CacheError, InvalidError, NotFoundError
+from ..metadata import RecordMeta
+from ..mountpoints import new_mount_point, unmount
+from ..mounts import readonly_mounts
+from ..remote import DescHandlers, Remote
+from ..types import CachePolicy, RecordType, RefInfo
+from . import blobs, remotes
+from .remote_snapshots import Session, is_remote, remote_labels
+
+if TYPE_CHECKING:
+    from ._core import Core
+
+__all__ = ["ImmutableRef", "MutableRef", "Ref"]
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _datetime(ns: int | None) -> datetime | None:
+    return None if ns is None else datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+class _Record:
+    """One cache record: metadata, open handles, parent handle and containerd bookkeeping."""
+
+    def __init__(
+        self,
+        core: Core,
+        md: RecordMeta,
+        *,
+        mutable: bool,
+        parent: ImmutableRef | None,
+        mu: threading.Lock | None = None,
+    ) -> None:
+        self.core = core
+        self.md = md
+        self.mutable = mutable
+        self.parent = parent
+        self.mu = mu or threading.Lock()
+        self.refs: set[Ref] = set()
+        self.dead = False
+        self.removed = False
+        self.view = ""
+        self.view_mounts: list[Mount] | None = None
+        self.equal_mutable: MutableRef | None = None
+        self.equal_immutable: ImmutableRef | None = None
+        self._parent_chain: list[str] | None = None
+        # Counts the changes of content or layout that make a measured size stale.
+        self.size_epoch = 0
+
+    @property
+    def id(self) -> str:
+        return self.md.id
+
+    def ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef:
+        ref = ImmutableRef(self, trigger_last_used, dhs)
+        self.refs.add(ref)
+        return ref
+
+    def mref(self, trigger_last_used: bool, dhs: DescHandlers) -> MutableRef:
+        """A writable handle: the size measured before no longer holds."""
+        ref = MutableRef(self, trigger_last_used, dhs)
+        self.refs.add(ref)
+        self.invalidate_size()
+        return ref
+
+    def invalidate_size(self) -> None:
+        """Drops the measured size: the snapshot's content or the record's blobs changed."""
+        self.size_epoch += 1
+        if self.md.size is not None:
+            self.md.size = None
+            self.save()
+
+    def writable(self) -> bool:
+        """Whether a writable handle is open, so that the snapshot may change at any time."""
+        return self.mutable and bool(self.refs)
+
+    def parent_ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef | None:
+        """A new handle on the parent (takes the parent's lock)."""
+        if self.parent is None:
+            return None
+        prec = self.parent._rec
+        with prec.mu:
+            return prec.ref(trigger_last_used, dhs)
+
+    def is_dead(self) -> bool:
+        return (
+            self.dead
+            or (self.equal_immutable is not None and self.equal_immutable._rec.dead)
+            or (self.equal_mutable is not None and self.equal_mutable._rec.dead)
+        )
+
+    def parent_chain(self) -> list[str]:
+        """The blob digests of the chain, parent first; empty while this record has no blob."""
+        if self._parent_chain is None:
+            if not self.md.blob:
+                return []
+            parent = self.parent._rec.parent_chain() if self.parent else []
+            self._parent_chain = [*parent, self.md.blob]
+        return self._parent_chain
+
+    # Laziness has two halves: a record's blob may be absent from the content store (what
+    # remotes, exports and pushes need), and its snapshot may not be made yet (what mounts
+    # need). A record that shares another's extracted snapshot can lack only its blob.
+
+    def blob_missing(self) -> bool:
+        """Whether the record has a blob that is not in the content store."""
+        if not self.md.blob:
+            return False
+        try:
+            self.core.client.content.info(self.md.blob)
+        except NotFoundError:
+            return True
+        return False
+
+    def is_lazy(self) -> bool:
+        """Either half: the blob is absent, or the snapshot is a remote one."""
+        if self.blob_missing():
+            return True
+        return (
+            self.md.blob_only
+            and bool(self.md.blob)
+            and is_remote(self.core.client, self.core.snapshotter, self.md.snapshot_id)
+        )
+
+    def snapshot_lazy(self) -> bool:
+        """The snapshot half: the snapshot is not made, and making it needs the blob."""
+        return self.md.blob_only and self.is_lazy()
+
+    def save(self) -> None:
+        """Persists the in-memory row (no-op once the record is removed); when the write
+        fails, the row is read back so that memory and store still agree."""
+        if not self.removed:
+            try:
+                self.core.store.update(self.md)
+            except CacheError:
+                with contextlib.suppress(CacheError):
+                    self.core.store.reload(self.md)
+                raise
+
+    def update_last_used(self) -> None:
+        self.md.usage_count += 1
+        self.md.last_used_at = now_ns()
+        self.save()
+
+    def info(self) -> RefInfo:
+        md = self.md
+        return RefInfo(
+            id=md.id,
+            mutable=self.mutable,
+            parent_id=md.parent or None,
+            snapshot_id=md.snapshot_id,
+            equal_mutable_id=md.equal_mutable or None,
+            blob=md.blob or None,
+            diff_id=md.diff_id or None,
+            chain_id=md.chain_id or None,
+            blob_chain_id=md.blob_chain_id or None,
+            media_type=md.media_type or None,
+            blob_size=md.blob_size,
+            blob_only=md.blob_only,
+            size=md.size,
+            description=md.description,
+            created_at=_datetime(md.created_at),
+            last_used_at=_datetime(md.last_used_at),
+            usage_count=md.usage_count,
+            record_type=RecordType(md.record_type or RecordType.REGULAR),
+            layer_type=md.layer_type,
+            cache_policy=CachePolicy(md.cache_policy),
+            image_refs=tuple(md.image_refs),
+        )
+
+    # Life cycle. The manager lock is held for all of these.
+
+    def release_immutable(self, ref: ImmutableRef) -> None:
+        self.refs.discard(ref)
+        if ref.trigger_last_used and not any(r.trigger_last_used for r in self.refs):
+            self.update_last_used()
+            if self.equal_mutable is not None:
+                self.equal_mutable.trigger_last_used = True
+        if self.refs:
+            return
+        if self.view:
+            self.core.drop_lease(self.view)
+            self.view = ""
+            self.view_mounts = None
+        if self.equal_mutable is not None:
+            self.equal_mutable._rec.release_mutable(self.equal_mutable)
+
+    def release_mutable(self, ref: MutableRef) -> None:
+        self.refs.discard(ref)
+        # Whatever the handle wrote (through mounts or apply) is measured afresh.
+        self.invalidate_size()
+        if self.md.cache_policy != CachePolicy.RETAIN.value:
+            twin = self.equal_immutable
+            if twin is not None:
+                if twin._rec.md.cache_policy == CachePolicy.RETAIN.value:
+                    self._trigger_last_used(ref)
+                    return
+                twin._rec.remove(remove_snapshot=False)
+            self.remove(remove_snapshot=True)
+            return
+        self._trigger_last_used(ref)
+
+    def _trigger_last_used(self, ref: MutableRef) -> None:
+        if ref.trigger_last_used:
+            self.update_last_used()
+            ref.trigger_last_used = False
+
+    def remove(self, *, remove_snapshot: bool) -> None:
+        """Drops the record: releases its parent, deletes its lease (with `remove_snapshot`),
+        clears its row. The row is marked deleted before the lease goes, so that a crash in
+        between is finished by `Manager.open`."""
+        self.detach(remove_snapshot=remove_snapshot)
+        self.purge(remove_snapshot=remove_snapshot)
+
+    def detach(self, *, remove_snapshot: bool) -> None:
+        """The part of `remove` that needs the manager lock: the record leaves the manager,
+        releases its parent and, with `remove_snapshot`, is marked deleted in its row."""
+        self.core.records.pop(self.id, None)
+        if self.parent is not None:
+            prec = self.parent._rec
+            with prec.mu:
+                prec.release_immutable(self.parent)
+        if remove_snapshot and not self.md.deleted:
+            self.md.deleted = True
+            self.save()
+        self.removed = True
+
+    def purge(self, *, remove_snapshot: bool) -> None:
+        """The rest of `remove`, which needs no lock: the lease, then the row."""
+        if remove_snapshot:
+            crash_point("remove.after_mark")
+            with contextlib.suppress(NotFoundError):
+                self.core.client.leases.delete(self.id)
+            crash_point("remove.after_lease_delete")
+        self.core.store.delete(self.id)
+
+    def finalize(self) -> None:
+        """Commits the equal mutable's snapshot for good under this record's own lease.
+
+        The committed snapshot exists under the new lease before the mutable is marked
+        deleted (in the same transaction that clears the link), and the mutable's removal
+        runs afterwards outside the record lock.
+        """
+        mutable = self.equal_mutable
+        if mutable is None:
+            return
+        mrec = mutable._rec
+        leased = self.core.create_lease(self.id, "record", exist_ok=True)
+        crash_point("finalize.after_lease")
+        try:
+            leased.snapshots(self.core.snapshotter).commit(self.id, mrec.md.snapshot_id)
+        except CacheError:
+            with contextlib.suppress(CacheError):
+                self.core.client.leases.delete(self.id)
+            raise
+        crash_point("finalize.after_snapshot_commit")
+        mrec.dead = True
+        mrec.md.deleted = True
+        self.equal_mutable = None
+        self.md.equal_mutable = ""
+        self.md.snapshot_id = self.id
+        self.core.store.update(self.md, mrec.md)
+        crash_point("finalize.after_metadata")
+        self.core.remove_later(mrec)
+
+    def commit(self, ref: MutableRef) -> ImmutableRef:
+        """The lazy commit of this mutable record: a new immutable record whose data is the
+        mutable's snapshot. The manager lock and this record's lock are held."""
+        if not self.mutable or ref not in self.refs:
+            raise InvalidError(f"invalid mutable ref {ref.id}")
+        md = RecordMeta(
+            self.core.new_id(),
+            committed=True,
+            parent=self.md.parent,
+            equal_mutable=self.id,
+            snapshot_id=self.md.snapshot_id,
+            description=self.md.description,
+            record_type=self.md.record_type,
+            created_at=now_ns(),
+        )
+        dhs = ref.desc_handlers
+        rec = _Record(self.core, md, mutable=False, parent=self.parent_ref(False, dhs), mu=self.mu)
+        rec.equal_mutable = ref
+        self.core.store.insert(md)
+        ref._released = ref._passed = True
+        crash_point("commit.after_insert")
+        self.core.records[md.id] = rec
+        immutable = rec.ref(True, dhs)
+        self.equal_immutable = immutable
+        return immutable
+
+    def mounts(self, readonly: bool) -> list[Mount]:
+        sn = self.core.client.snapshots(self.core.snapshotter)
+        if self.mutable:
+            mounts = sn.mounts(self.md.snapshot_id)
+            return readonly_mounts(mounts) if readonly else mounts
+        if self.equal_mutable is not None and readonly:
+            return readonly_mounts(sn.mounts(self.equal_mutable._rec.md.snapshot_id))
+        self.finalize()
+        if self.view_mounts is None:
+            view = self.core.new_id()
+            leased = self.core.create_lease(view, "view")
+            try:
+                self.view_mounts = leased.snapshots(self.core.snapshotter).view(
+                    view, self.md.snapshot_id
+                )
+            except CacheError:
+                with contextlib.suppress(CacheError):
+                    self.core.drop_lease(view)
+                raise
+            self.view = view
+        return self.view_mounts
+
+    def compute_size(self) -> int:
+        """Snapshot usage plus the blob and its compression variants; cached in the row.
+
+        A record with a writable handle open is measured but not cached (its snapshot may
+        change at any time), and neither is a measurement that raced with a change of the
+        record (a write, an extraction, a finalize moving the snapshot) or that found the
+        snapshot missing. Takes the record lock itself; call it without holding it.
+        """
+        while True:
+            with self.mu:
+                if self.md.size is not None and not self.writable():
+                    return self.md.size
+                state = self._size_state()
+            _, driver, blob_only, blob = state
+            size, complete = 0, True
+            if not blob_only:
+                try:
+                    size = self.core.client.snapshots(self.core.snapshotter).usage(driver).size
+                except NotFoundError:
+                    complete = False
+            if blob:
+                size += self._blob_sizes(blob)
+            with self.mu:
+                if self.is_dead():
+                    return 0
+                if self._size_state() != state:
+                    continue
+                if complete and not self.writable():
+                    self.md.size = size
+                    self.save()
+                return size
+
+    def measure(self) -> int:
+        """`compute_size`, one computation for concurrent callers."""
+        return self.core.flight.do(f"size-{self.id}", self.compute_size)
+
+    def _size_state(self) -> tuple[int, str, bool, str]:
+        """What a measured size depends on: the epoch, the snapshot measured, the blob."""
+        driver = self.md.snapshot_id
+        if self.equal_mutable is not None:
+            driver = self.equal_mutable._rec.md.snapshot_id
+        return (self.size_epoch, driver, self.md.blob_only, self.md.blob)
+
+    def _blob_sizes(self, blob: str) -> int:
+        content = self.core.client.content
+        try:
+            info = content.info(blob)
+        except NotFoundError:
+            return 0
+        total = info.size
+        for key, value in info.labels.items():
+            # A variant label that points at the blob itself is not counted twice.
+            if key.startswith(blobs.VARIANT_DIGEST_PREFIX) and value != blob:
+                with contextlib.suppress(CacheError):
+                    total += content.info(value).size
+        return total
+
+
+class Ref:
+    """A counted handle on a cache record; release every ref exactly once."""
+
+    def __init__(self, rec: _Record, trigger_last_used: bool, dhs: DescHandlers) -> None:
+        self._rec = rec
+        self.trigger_last_used = trigger_last_used
+        self.desc_handlers = dhs
+        """The handlers of the chain's lazy blobs, by digest."""
+        self._released = False
+        self._passed = False
+        """Set when `commit` passed this mutable handle into an immutable ref."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"
+
+    def __enter__(self) -> Ref:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A mutable handle that `commit` passed on is released through the immutable ref.
+        if not self._passed:
+            self.release()
+
+    @property
+    def id(self) -> str:
+        """The record's id, stable across restarts."""
+        return self._rec.id
+
+    def _check(self) -> None:
+        self._rec.core.check_open()
+        if self._released:
+            raise InvalidError(f"ref {self.id} was already released")
+
+    def release(self) -> None:
+        """Gives the handle up; each ref is released once, or used as a context manager."""
+        raise NotImplementedError
+
+    def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
+        """The containerd mounts of the record's snapshot; `session` is the caller's session
+        ids, for a remote snapshotter (the stargz mode)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def mount(self, readonly: bool = True, *, session: Session = ()) -> Iterator[pathlib.Path]:
+        """Mounts the record on a new directory under the state directory, unmounted (and
+        removed) on exit; if the process dies first, the next `Manager.open` on the state
+        directory does that (`pyctrd_cache.mountpoints`).
+
+        Needs the privilege to mount (root, or CAP_SYS_ADMIN).
+        """
+        mounts = self.mounts(readonly, session=session)
+        target = new_mount_point(self._rec.core.mounts_dir)
+        mounted: list[pathlib.Path] = []
+        try:
+            for m in mounts:
+                _mount_one(m, target)
+                mounted.append(target)
+            yield target
+        finally:
+            for path in reversed(mounted):
+                unmount(path)
+            target.rmdir()
+
+    def info(self) -> RefInfo:
+        """A snapshot of the record's metadata, read under the record lock."""
+        self._check()
+        with self._rec.mu:
+            return self._rec.info()
+
+    @property
+    def description(self) -> str:
+        """The caller's description of the record."""
+        return self._rec.md.description
+
+    @property
+    def created_at(self) -> datetime | None:
+        """When the record was created (UTC)."""
+        return _datetime(self._rec.md.created_at)
+
+    @property
+    def last_used_at(self) -> datetime | None:
+        """When the record was last used (UTC): the release of its last handle; None if never."""
+        return _datetime(self._rec.md.last_used_at)
+
+    @property
+    def usage_count(self) -> int:
+        """How many times the record was used (BuildKit's `cache.usageCount`)."""
+        return self._rec.md.usage_count
+
+    @property
+    def record_type(self) -> RecordType:
+        """What the record holds (BuildKit's record type)."""
+        return RecordType(self._rec.md.record_type or RecordType.REGULAR)
+
+    @property
+    def layer_type(self) -> str:
+        """The caller's layer type label (BuildKit's `cache.layerType`)."""
+        return self._rec.md.layer_type
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        """DEFAULT (pruned when unused) or RETAIN."""
+        return CachePolicy(self._rec.md.cache_policy)
+
+    def _set(self, **values: object) -> None:
+        self._check()
+        with self._rec.mu:
+            for name, value in values.items():
+                setattr(self._rec.md, name, value)
+            self._rec.save()
+
+    def set_description(self, description: str) -> None:
+        """Sets the description (at most 4096 bytes), stored at once."""
+        _validate.description(description)
+        self._set(description=description)
+
+    def set_record_type(self, record_type: RecordType) -> None:
+        """Sets the record type, stored at once."""
+        self._set(record_type=RecordType(record_type).value)
+
+    def set_layer_type(self, layer_type: str) -> None:
+        """Sets the layer type label, stored at once."""
+        self._set(layer_type=layer_type)
+
+    def set_cache_policy(self, policy: CachePolicy) -> None:
+        """Sets the cache policy, stored at once (it survives a reopen)."""
+        self._set(cache_policy=CachePolicy(policy).value)
+
+    def set_created_at(self, created_at: datetime) -> None:
+        """Sets the creation time; `InvalidError` for a naive datetime."""
+        if created_at.tzinfo is None:
+            raise InvalidError("created_at must be timezone-aware")
+        self._set(created_at=int(created_at.timestamp() * 1e9))
+
+    def get_external(self, key: str) -> bytes:
+        """Opaque per-record data stored by a caller; NotFoundError when unset."""
+        self._check()
+        value = self._rec.core.store.get_external(self.id, key)
+        if value is None:
+            raise NotFoundError(f"no external value {key!r} on record {self.id}")
+        return value
+
+    def set_external(self, key: str, value: bytes) -> None:
+        """Stores opaque per-record data under `key`, read back with `get_external`."""
+        self._check()
+        self._rec.core.store.set_external(self.id, key, bytes(value))
+
+
+class ImmutableRef(Ref):
+    """A handle on a committed record."""
+
+    def __enter__(self) -> ImmutableRef:
+        return self
+
+    def release(self) -> None:
+        """Gives the handle up; a record with no handle left is reclaimable by `prune`."""
+        with self._rec.core.mu:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        """`release` for a caller that holds the manager lock."""
+        with self._rec.mu:
+            self._check()
+            self._released = True
+            self._rec.release_immutable(self)
+
+    def parent(self) -> ImmutableRef | None:
+        """A new handle on the parent record (release it), or None."""
+        self._check()
+        return self._rec.parent_ref(True, self.desc_handlers)
+
+    def clone(self) -> ImmutableRef:
+        """A new handle on the same record."""
+        self._check()
+        with self._rec.mu:
+            return self._rec.ref(False, self.desc_handlers)
+
+    def size(self) -> int:
+        """Bytes used: snapshot usage plus the blob and its compression variants."""
+        self._check()
+        return self._rec.measure()
+
+    def is_lazy(self) -> bool:
+        """Whether the record's blob is not in the content store (or its snapshot is remote)."""
+        self._check()
+        return self._rec.is_lazy()
+
+    def finalize(self) -> None:
+        """Commits the equal mutable snapshot for good; afterwards the mutable id is gone."""
+        self._check()
+        with self._rec.mu:
+            self._rec.finalize()
+
+    def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
+        """The record's mounts; a lazy chain is extracted first (in the stargz mode, its
+        remote layers are mounted from the registry instead)."""
+        self._check()
+        blobs.extract(self, session)
+        with remote_labels(self._rec, self.desc_handlers, session), self._rec.mu:
+            return self._rec.mounts(readonly)
+
+    def extract(self, *, session: Session = ()) -> None:
+        """Makes the snapshot exist, pulling and applying the chain's lazy blobs; in the
+        stargz mode, the layers the snapshotter can mount from the registry are prepared as
+        remote snapshots instead, and stay lazy. `session` is the caller's session ids,
+        handed to the remote snapshotter as temporary labels."""
+        self._check()
+        blobs.extract(self, session)
+
+    def set_blob(self, desc: Descriptor) -> None:
+        """Associates a blob already in the content store with the record (its compression
+        from the media type) and computes the chain ids; nothing changes when the record
+        already has a blob. `InvalidError`, before anything is written, when the parent has
+        no blob (and so no chain ids to extend)."""
+        self._check()
+        parent = self._rec.parent
+        if parent is not None:
+            with parent._rec.mu:
+                pmd = parent._rec.md
+                if not (pmd.chain_id and pmd.blob_chain_id):
+                    raise InvalidError(
+                        f"cannot set the blob of {self.id}: its parent {pmd.id} has no blob"
+                    )
+        blobs.set_blob(self._rec, desc)
+        blobs.set_chains(self._rec)
+
+    def get_remote(
+        self,
+        *,
+        create_if_needed: bool = True,
+        compression: Compression = Compression.GZIP,
+        force_compression: bool = False,
+    ) -> Remote:
+        """The descriptors of the whole chain, parent first, creating blobs through
+        containerd's diff service when needed (`NoBlobsError` without `create_if_needed`)
+        and converting to `compression` when forced; without force, a `compression` variant
+        made before is served in place of the record's blob."""
+        self._check()
+        return remotes.get_remote(
+            self,
+            create_if_needed=create_if_needed,
+            compression=Compression(compression),
+            force_compression=force_compression,
+        )
+
+
+class MutableRef(Ref):
+    """A handle on a writable record; `commit` passes it into an immutable ref."""
+
+    def __enter__(self) -> MutableRef:
+        return self
+
+    def release(self) -> None:
+        """Gives the handle up; an uncommitted record goes with it unless it is RETAIN."""
+        with self._rec.core.mu, self._rec.mu:
+            self._check()
+            self._released = True
+            self._rec.release_mutable(self)
+
+    def commit(self) -> ImmutableRef:
+        """An immutable ref equal to this one; the snapshot is committed at finalize.
+
+        This handle passes into the returned ref: release only that one.
+        """
+        with self._rec.core.mu, self._rec.mu:
+            self._check()
+            return self._rec.commit(self)
+
+    def mounts(self, readonly: bool, *, session: Session = ()) -> list[Mount]:
+        self._check()
+        parent = self._rec.parent
+        with (
+            remote_labels(parent._rec if parent else None, self.desc_handlers, session),
+            self._rec.mu,
+        ):
+            return self._rec.mounts(readonly)
+
+    def apply(self, layer: bytes | BinaryIO | Descriptor, *, media_type: str | None = None) -> None:
+        """Writes a layer tar (plain, gzip or zstd; bytes, a binary file, or a descriptor of
+        a blob in the content store) into the snapshot through containerd's diff service."""
+        self._check()
+        blobs.apply_layer(self, layer, media_type)
+
+
+def _mount_one(m: Mount, target: pathlib.Path) -> None:
+    options = [o for o in m.options if o]
+    args = ["mount", "-t", m.type, "-o", ",".join(options), m.source, str(target)]
+    if m.type == "bind":
+        args = ["mount", "-o", ",".join(options), m.source, str(target)]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip()
+        if os.geteuid() != 0:
+            reason = f"mounting needs root or CAP_SYS_ADMIN ({reason})"
+        raise CacheError(f"cannot mount {m.type} {m.source} on {target}: {reason}")
