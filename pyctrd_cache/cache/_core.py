@@ -136,7 +136,7 @@ class Core:
         def remove() -> None:
             with self.mu, rec.mu:
                 if not rec.removed:
-                    rec.remove(remove_snapshot=True)
+                    rec.remove()
 
         try:
             future = self._remover.submit(remove)

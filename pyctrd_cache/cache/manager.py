@@ -646,8 +646,8 @@ class Manager:
                 if twin is not None:
                     if twin._rec.refs:
                         raise LockedError(f"record {record_id} is locked")
-                    twin._rec.remove(remove_snapshot=False)
                     rec.equal_immutable = None
+                    twin._rec.remove()
                 return rec.mref(True, _NO_HANDLERS)
 
     @contextlib.contextmanager
@@ -980,10 +980,12 @@ class Manager:
                 return info
             rec.dead = True
             if twin is not None:
-                twin.remove(remove_snapshot=False)
-            rec.detach(remove_snapshot=True)
-        # The lease goes outside the locks: containerd may be collecting garbage.
-        rec.purge(remove_snapshot=True)
+                twin.detach()
+            rec.detach()
+        # The leases go outside the locks: containerd may be collecting garbage.
+        if twin is not None:
+            twin.purge()
+        rec.purge()
         return info
 
     def _snapshot_usage(self, rec: _Record) -> int:

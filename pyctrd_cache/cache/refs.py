@@ -223,8 +223,8 @@ class _Record:
                 if twin._rec.md.cache_policy == CachePolicy.RETAIN.value:
                     self._trigger_last_used(ref)
                     return
-                twin._rec.remove(remove_snapshot=False)
-            self.remove(remove_snapshot=True)
+                twin._rec.remove()
+            self.remove()
             return
         self._trigger_last_used(ref)
 
@@ -233,33 +233,38 @@ class _Record:
             self.update_last_used()
             ref.trigger_last_used = False
 
-    def remove(self, *, remove_snapshot: bool) -> None:
-        """Drops the record: releases its parent, deletes its lease (with `remove_snapshot`),
-        clears its row. The row is marked deleted before the lease goes, so that a crash in
-        between is finished by `Manager.open`."""
-        self.detach(remove_snapshot=remove_snapshot)
-        self.purge(remove_snapshot=remove_snapshot)
+    def remove(self) -> None:
+        """Drops the record: releases its parent, deletes its lease, clears its row. The row
+        is marked deleted before the lease goes, so that a crash in between is finished by
+        `Manager.open`."""
+        self.detach()
+        self.purge()
 
-    def detach(self, *, remove_snapshot: bool) -> None:
+    def detach(self) -> None:
         """The part of `remove` that needs the manager lock: the record leaves the manager,
-        releases its parent and, with `remove_snapshot`, is marked deleted in its row."""
+        releases its parent and is marked deleted in its row."""
         self.core.records.pop(self.id, None)
         if self.parent is not None:
             prec = self.parent._rec
             with prec.mu:
                 prec.release_immutable(self.parent)
-        if remove_snapshot and not self.md.deleted:
+        if not self.md.deleted:
             self.md.deleted = True
             self.save()
         self.removed = True
 
-    def purge(self, *, remove_snapshot: bool) -> None:
-        """The rest of `remove`, which needs no lock: the lease, then the row."""
-        if remove_snapshot:
-            crash_point("remove.after_mark")
-            with contextlib.suppress(NotFoundError):
-                self.core.client.leases.delete(self.id)
-            crash_point("remove.after_lease_delete")
+    def purge(self) -> None:
+        """The rest of `remove`, which needs no lock: the lease, then the row.
+
+        An unfinalized immutable record holds no snapshot of its own (its data is its equal
+        mutable's, under that record's lease), but a finalize that failed while containerd
+        was unreachable can leave its lease behind; it goes too, or the next `open` would
+        find a record lease without a row.
+        """
+        crash_point("remove.after_mark")
+        with contextlib.suppress(NotFoundError):
+            self.core.client.leases.delete(self.id)
+        crash_point("remove.after_lease_delete")
         self.core.store.delete(self.id)
 
     def finalize(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pytest
@@ -15,12 +16,14 @@ from pyctrd_cache import (
     LockedError,
     NotFoundError,
     RecordType,
+    UnavailableError,
 )
 from pyctrd_cache.client import Client, SnapshotKind
+from pyctrd_cache.client.snapshots import SnapshotsService
 from pyctrd_cache.manager import OWNER_LABEL
 from pyctrd_cache.mounts import readonly_mounts
 from tests.checks import check_disk_usage, owned_leases, snapshot_names
-from tests.fix_containerd import SNAPSHOTTER, Managers
+from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
 
 
 def test_manager(managers: Managers, client: Client) -> None:
@@ -242,6 +245,41 @@ def test_releasing_a_default_mutable_removes_it_and_its_twin(
         cm.get_mutable(active_id)
     assert owned_leases(client, cm) == []
     assert cm.disk_usage() == []
+
+
+def test_a_finalize_cut_off_by_an_outage_leaves_no_lease_behind_its_removal(
+    managers: Managers, client: Client, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # containerd goes down between the finalize's lease and its commit, and stays down while
+    # the finalize tries to delete that lease again; the record's removal must delete it.
+    embedded = daemon.restartable()
+    cm = managers.open()
+    snap = cm.new().commit()
+    transport = cm._core.client._t
+    real_commit = SnapshotsService.commit
+
+    def commit_after_outage(
+        self: SnapshotsService, name: str, key: str, *, labels: Mapping[str, str] | None = None
+    ) -> None:
+        embedded.stop()
+        real_commit(self, name, key, labels=labels)
+
+    monkeypatch.setattr(SnapshotsService, "commit", commit_after_outage)
+    monkeypatch.setattr(transport, "retry_budget", 0.5)
+    try:
+        with pytest.raises(UnavailableError):
+            snap.finalize()
+    finally:
+        monkeypatch.undo()
+        embedded.start()
+    assert snap.id in owned_leases(client, cm)
+
+    snap.release()
+    assert owned_leases(client, cm) == []
+    cm.close()
+    again = managers.open()
+    assert again.disk_usage() == []
+    assert owned_leases(client, again) == []
 
 
 def test_retain_policy_keeps_a_released_mutable(managers: Managers) -> None:
