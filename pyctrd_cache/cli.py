@@ -198,35 +198,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="keep records used within this long (e.g. 48h, 1h30m, 2d)",
     )
-    prune.add_argument(
-        "--reserved-space",
-        type=_argument_type(parse_size),
-        default=0,
-        metavar="SIZE",
-        help="remove least recently used records only down to this total (e.g. 10GB)",
-    )
-    prune.add_argument(
-        "--keep-storage",
-        type=_argument_type(parse_size),
-        default=0,
-        metavar="SIZE",
-        help="buildx's older name for --reserved-space",
-    )
-    prune.add_argument(
-        "--max-used-space",
-        type=_argument_type(parse_size),
-        default=0,
-        metavar="SIZE",
-        help="remove least recently used records until the cache takes at most this",
-    )
-    prune.add_argument(
-        "--min-free-space",
-        type=_argument_type(parse_size),
-        default=0,
-        metavar="SIZE",
-        help="remove least recently used records while the file system of containerd's "
-        "snapshots has less than this free",
-    )
+    sizes = {
+        "--reserved-space": "remove least recently used records only down to this total "
+        "(e.g. 10GB)",
+        "--keep-storage": "buildx's older name for --reserved-space",
+        "--max-used-space": "remove least recently used records until the cache takes at most this",
+        "--min-free-space": "remove least recently used records while the file system of "
+        "containerd's snapshots has less than this free",
+    }
+    for flag, text in sizes.items():
+        prune.add_argument(
+            flag, type=_argument_type(parse_size), default=0, metavar="SIZE", help=text
+        )
     prune.add_argument(
         "-v", "--verbose", action="store_true", help="every field of every removed record"
     )
