@@ -560,7 +560,9 @@ def sample_tar() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
-        def add(name: str, kind: bytes, data: bytes = b"", link: str = "", mode: int = 0o644):
+        def add(
+            name: str, kind: bytes, data: bytes = b"", link: str = "", mode: int = 0o644
+        ) -> None:
             info = tarfile.TarInfo(name)
             info.type = kind
             info.mode = mode

@@ -136,10 +136,10 @@ def test_a_public_call_meets_the_first_error_with_the_others_noted() -> None:
         both.wait()
         raise CacheError("provider failed") from cause
 
-    with pytest.raises(CacheError) as caught, unwrapped():
+    with pytest.raises(CacheError) as caused, unwrapped():
         run_all([fail_with_cause, fail("three")])
-    assert caught.value.__cause__ is cause
-    assert caught.value.__context__ is None  # not the group
+    assert caused.value.__cause__ is cause
+    assert caused.value.__context__ is None  # not the group
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [KeyError(1)]), KeyError(2)])
     assert first_error(nested).args == (1,)
 
