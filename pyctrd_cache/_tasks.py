@@ -131,7 +131,7 @@ class TaskGroup:
         it between its steps to stop early."""
         with self._mu:
             if self._failed:
-                raise Cancelled
+                raise Cancelled("stopped: another task of its group failed")
 
     def __exit__(
         self,

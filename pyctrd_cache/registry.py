@@ -897,7 +897,9 @@ def push(
     `rootfs.diff_ids` are their uncompressed digests. A blob the registry has (`HEAD`) is
     skipped; one whose `containerd.io/distribution.source.<host>` annotation names another
     repository on the target's host is mounted from there when the registry allows it;
-    others are uploaded whole, or in `chunk_size` pieces (`PATCH`). The manifest goes last.
+    others are uploaded whole, or in `chunk_size` pieces (`PATCH`), three at a time. The first
+    upload that fails stops the others (those waiting never start, those running stop at their
+    next piece) and is the error raised. The manifest goes last.
     `progress` hears `start`, `bytes` and `end` for every layer blob. `timeout` is as for
     `RegistryProvider`.
     """
