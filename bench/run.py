@@ -211,9 +211,9 @@ def bench_remote(address: str, work: pathlib.Path, cycles: int, rounds: int) -> 
     (ref,) = _chain(cm, 1, 64 << 20, seed=99)
     gz = ref.get_remote(compression=Compression.GZIP).descriptors[0]
     blob_path = work / "layer.tar.gz"
-    with open(blob_path, "wb") as f:
+    with open(blob_path, "wb") as out:
         for chunk in bare.content.read(gz.digest):
-            f.write(chunk)
+            out.write(chunk)
     ours, shell = [], []
     for _ in range(rounds):
         other = cm.get_by_blob(gz)

@@ -6,7 +6,8 @@ Rules:
   (a chain's extraction runs inside a remote's computation) and never wait on each other's
   threads, so nesting cannot deadlock.
 - The first error cancels the tasks not yet started (queued for one of the `limit` threads,
-  or started after it); tasks already running finish. Leaving
+  or started after it); tasks already running finish, or stop at their next `checkpoint`
+  (a `Cancelled` they raise is no error of the group's). Leaving
   the group waits for every task, then raises every error as one `ExceptionGroup` (the
   block's own error first, then the tasks' in the order they were started). A
   `BaseException` of the block that is not an `Exception` (`GeneratorExit`,
@@ -124,6 +125,13 @@ class TaskGroup:
         """Tasks not yet started will not start."""
         with self._mu:
             self._failed = True
+
+    def checkpoint(self) -> None:
+        """Raises `Cancelled` once the group has failed or was cancelled: a long task calls
+        it between its steps to stop early."""
+        with self._mu:
+            if self._failed:
+                raise Cancelled("stopped: another task of its group failed")
 
     def __exit__(
         self,

@@ -29,7 +29,6 @@ import platform
 import re
 import stat
 import tarfile
-import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import zstandard
 from . import _validate
 from ._layout_files import LayoutFiles, blob_parts
 from ._streams import CountingReader
+from ._tasks import TaskGroup, unwrapped
 from .blobs import CREATED_AT_ANNOTATION, DISTRIBUTION_SOURCE_PREFIX, UNCOMPRESSED_LABEL
 from .client import Descriptor
 from .compression import Compression, from_media_type, parse_digest
@@ -754,42 +754,35 @@ def _apply_tar(work: MutableRef, source: pathlib.Path, counter: _Progress) -> No
 
 
 def _apply_directory(work: MutableRef, source: pathlib.Path, counter: _Progress) -> None:
-    """Streams the directory as a tar through a pipe into `work.apply`; a thread writes."""
+    """Streams the directory as a tar through a pipe into `work.apply`: one task writes the
+    tar, one applies it. The writer's own failure, started first, is the error raised: it
+    says why the stream was short."""
     read_fd, write_fd = os.pipe()
-    errors: list[BaseException] = []
+    reader = os.fdopen(read_fd, "rb", buffering=0)
 
-    def produce() -> None:
+    def write() -> None:
         try:
             with os.fdopen(write_fd, "wb") as out:
                 _write_tree(source, out)
-        except BaseException as err:
-            errors.append(err)
-
-    writer = threading.Thread(target=produce, name="pyctrd-cache-import", daemon=True)
-    reader = os.fdopen(read_fd, "rb", buffering=0)
-    failure: BaseException | None = None
-    try:
-        writer.start()
-        work.apply(io.BufferedReader(CountingReader(reader, counter.reached), _CHUNK))
-    except BaseException as err:
-        failure = err
-    finally:
-        # Closing the read end stops a writer the diff service no longer reads from.
-        reader.close()
-        writer.join()
-    # A writer that failed on its own says why the stream was short; one that found the
-    # pipe closed only echoes the reader's failure.
-    produced = next((e for e in errors if not isinstance(e, BrokenPipeError)), None)
-    if produced is not None:
-        if isinstance(produced, CacheError):
-            raise produced
-        if isinstance(produced, OSError):
+        except BrokenPipeError:
+            return  # the reader closed the pipe: its own end says why
+        except CacheError:
+            raise
+        except OSError as err:
             raise InvalidError(
-                f"cannot read {produced.filename or source}: {produced.strerror or produced}"
-            ) from produced
-        raise CacheError(f"cannot stream {source} as a tar: {produced}") from produced
-    if failure is not None:
-        raise failure
+                f"cannot read {err.filename or source}: {err.strerror or err}"
+            ) from err
+        except Exception as err:
+            raise CacheError(f"cannot stream {source} as a tar: {err}") from err
+
+    def read() -> None:
+        # Closing the read end stops a writer the diff service no longer reads from.
+        with reader:
+            work.apply(io.BufferedReader(CountingReader(reader, counter.reached), _CHUNK))
+
+    with reader, unwrapped(), TaskGroup(name="pyctrd-cache-import") as group:
+        group.start(write)
+        group.start(read)
 
 
 _SCHILY_XATTR: Final = "SCHILY.xattr."

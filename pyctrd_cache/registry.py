@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -54,6 +55,7 @@ import httpx
 import tenacity
 import zstandard
 
+from ._tasks import TaskGroup, unwrapped
 from .blobs import DISTRIBUTION_SOURCE_PREFIX
 from .client import Descriptor
 from .compression import Compression, parse_digest
@@ -895,7 +897,9 @@ def push(
     `rootfs.diff_ids` are their uncompressed digests. A blob the registry has (`HEAD`) is
     skipped; one whose `containerd.io/distribution.source.<host>` annotation names another
     repository on the target's host is mounted from there when the registry allows it;
-    others are uploaded whole, or in `chunk_size` pieces (`PATCH`). The manifest goes last.
+    others are uploaded whole, or in `chunk_size` pieces (`PATCH`), three at a time. The first
+    upload that fails stops the others (those waiting never start, those running stop at their
+    next piece) and is the error raised. The manifest goes last.
     `progress` hears `start`, `bytes` and `end` for every layer blob. `timeout` is as for
     `RegistryProvider`.
     """
@@ -912,25 +916,15 @@ def push(
         target_ref, _as_credentials(auth), _tls(insecure, plain_http, ca_file), timeout
     )
     try:
-        uploader = _Uploader(session, target_ref, chunk_size, progress)
-        errors: list[BaseException] = []
+        uploads = TaskGroup(_PARALLEL_UPLOADS, name="pyctrd-cache-push")
+        uploader = _Uploader(session, target_ref, chunk_size, progress, uploads.checkpoint)
 
         def upload(desc: Descriptor) -> None:
-            try:
-                uploader.blob(desc, lambda: remote.provider.open(desc), _sources(desc, target_ref))
-            except BaseException as err:
-                errors.append(err)
+            uploader.blob(desc, lambda: remote.provider.open(desc), _sources(desc, target_ref))
 
-        threads = [
-            threading.Thread(target=upload, args=(d,), daemon=True) for d in remote.descriptors
-        ]
-        for batch in range(0, len(threads), _PARALLEL_UPLOADS):
-            for t in threads[batch : batch + _PARALLEL_UPLOADS]:
-                t.start()
-            for t in threads[batch : batch + _PARALLEL_UPLOADS]:
-                t.join()
-            if errors:
-                raise errors[0]
+        with unwrapped(), uploads:
+            for d in remote.descriptors:
+                uploads.start(functools.partial(upload, d))
         uploader.blob(image.config_desc, lambda: io.BytesIO(image.config), [], notify=False)
         desc = image.manifest_desc
         response = session.request(
@@ -966,11 +960,14 @@ class _Uploader:
         target: Reference,
         chunk_size: int | None,
         progress: ProgressCallback | None,
+        checkpoint: Callable[[], None],
     ) -> None:
         self.session = session
         self.target = target
         self.chunk_size = chunk_size
         self.progress = progress
+        # Called between the pieces of a blob: raises to stop an upload whose push failed.
+        self.checkpoint = checkpoint
         self.scopes = [f"repository:{target.repository}:pull,push"]
 
     def _notify(self, event: ProgressEvent, notify: bool) -> None:
@@ -1049,6 +1046,7 @@ class _Uploader:
         count = 0
         with open_blob() as stream:
             while chunk := stream.read(_CHUNK):
+                self.checkpoint()
                 count += len(chunk)
                 if count > desc.size:
                     raise CacheError(f"blob {desc.digest} is larger than its size {desc.size}")
@@ -1072,6 +1070,7 @@ class _Uploader:
         for chunk in self._read(desc, open_blob, notify):
             piece += chunk
             while len(piece) >= self.chunk_size or (piece and offset + len(piece) == desc.size):
+                self.checkpoint()
                 part = bytes(piece[: self.chunk_size])
                 del piece[: self.chunk_size]
                 answer = self.session.request(

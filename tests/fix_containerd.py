@@ -140,10 +140,10 @@ def clean_namespace(client: Client) -> None:
         if len(left) == len(remaining):
             raise CacheError(f"cannot clean snapshots {[s.name for s in left]}")
         remaining = left
-    for info in client.content.list():
+    for stored in client.content.list():
         # The collector may have taken it since the listing.
         with contextlib.suppress(NotFoundError):
-            client.content.delete(info.digest)
+            client.content.delete(stored.digest)
     with contextlib.suppress(NotFoundError):
         client.namespaces.delete(client.namespace)
 

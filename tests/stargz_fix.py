@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -274,7 +274,7 @@ class Image:
 
 
 def write_estargz_layout(
-    layout: pathlib.Path, trees: list[Mapping[str, bytes]], tag: str, chunk_size: int
+    layout: pathlib.Path, trees: Sequence[Mapping[str, bytes]], tag: str, chunk_size: int
 ) -> Image:
     """An OCI image layout of one eStargz layer per tree in `trees`, tagged `tag`."""
     blobs = layout / "blobs" / "sha256"

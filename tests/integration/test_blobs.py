@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -393,9 +393,9 @@ def _assert_clean_after_prune(cm: Manager, client: Client) -> None:
 def test_bad_providers_give_clear_errors_and_leave_nothing(
     managers: Managers,
     client: Client,
-    make,
-    error,
-    message,  # type: ignore[no-untyped-def]
+    make: Callable[[bytes], BytesProvider],
+    error: type[CacheError],
+    message: str,
 ) -> None:
     cm = managers.open()
     blob, desc = layer({"f": b"data" * 1000})

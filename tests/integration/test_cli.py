@@ -27,7 +27,8 @@ from pyctrd_cache._progress import (
     progress_bar,
     short_digest,
 )
-from pyctrd_cache.cli import parse_duration, parse_size, split_layout
+from pyctrd_cache._units import parse_duration
+from pyctrd_cache.cli import parse_size, split_layout
 from pyctrd_cache.client import Client
 from tests.checks import back_date
 from tests.cli_runs import Cli, one_line_error, run

@@ -107,9 +107,10 @@ def tar_files(tar: bytes) -> dict[str, bytes]:
         return {m.name: t.extractfile(m).read() for m in t if m.isreg()}  # type: ignore[union-attr]
 
 
-def check_estargz(blob: bytes, desc: Descriptor, source_diff_id: str) -> None:
+def check_estargz(blob: bytes, desc: Descriptor, source_diff_id: str | None) -> None:
     """The blob is valid gzip and valid eStargz, the descriptor's annotations tell the truth,
     and it holds FILES plus eStargz's own entries."""
+    assert source_diff_id is not None
     assert desc.media_type == TAR_GZIP
     assert desc.digest == digest_of(blob)
     assert desc.size == len(blob)

@@ -70,9 +70,10 @@ def make_layout(root: pathlib.Path, blob: bytes, desc: Descriptor) -> dict[str, 
             "layers": [{"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size}],
         }
     )
-    entry = {"mediaType": OCI_MANIFEST, "digest": _put(root, manifest), "size": len(manifest)}
+    manifest_digest = _put(root, manifest)
+    entry = {"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest)}
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
-    return {"layer": desc.digest, "config": digest_of(config), "manifest": entry["digest"]}
+    return {"layer": desc.digest, "config": digest_of(config), "manifest": manifest_digest}
 
 
 UNCOMPRESSED = "containerd.io/uncompressed"

@@ -11,13 +11,22 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
 import zstandard
 
-from pyctrd_cache import AuthError, CacheError, DescHandler, InvalidError, UnavailableError, cli
+from pyctrd_cache import (
+    AuthError,
+    CacheError,
+    DescHandler,
+    ImmutableRef,
+    InvalidError,
+    UnavailableError,
+    cli,
+)
 from pyctrd_cache.client import Descriptor
 from pyctrd_cache.registry import RegistryProvider, parse_reference, push
 from tests.cli_runs import Cli, one_line_error, run
@@ -466,3 +475,70 @@ def test_registry_error_text_is_escaped(
     raw = [c for c in out.stderr.rstrip("\n") if not c.isprintable()]
     refused(raw == [], raw)
     one_line_error(out, "gone\\x1b[2J\\x1b]0;owned\\x07\\x9b31m; forged prompt")
+
+
+# 16. A registry that refuses one upload of a push: the push stops its other uploads.
+
+UPLOAD_THREAD = "pyctrd-cache-push"
+
+
+def _upload_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == UPLOAD_THREAD]
+
+
+def _refusing_first_upload() -> Callable[[Handler, Seen], None]:
+    """A registry that has no blob, refuses the first upload's first piece, and holds the
+    first piece of every other upload until the refused upload's thread has ended (so the
+    push has seen the failure), for at most 10 s."""
+    uploads = iter(range(1_000_000))
+    mu = threading.Lock()
+
+    def answer(h: Handler, seen: Seen) -> None:
+        path = seen.path.partition("?")[0]
+        if seen.method == "HEAD":
+            reply(h, 404, b"")
+        elif seen.method == "POST" and path.endswith("/blobs/uploads/"):
+            with mu:
+                n = next(uploads)
+            reply(h, 202, b"", {"Location": f"/upload/{n}"})
+        elif seen.method == "PATCH" and path == "/upload/0":
+            reply(h, 400, error_body("upload refused"), JSON)
+        elif seen.method == "PATCH":
+            deadline = time.monotonic() + 10
+            while len(_upload_threads()) > 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            reply(h, 202, b"", {"Location": path})
+        else:
+            reply(h, 201, b"")
+
+    return answer
+
+
+def test_a_refused_upload_stops_the_push_and_leaves_no_upload_running(
+    managers: Managers,
+) -> None:
+    cm = managers.open()
+    provider = BytesProvider()
+    handlers: dict[str, DescHandler] = {}
+    ref: ImmutableRef | None = None
+    for i in range(6):  # twice the uploads a push runs at a time
+        blob, desc = layer({f"f{i}": os.urandom(400)})
+        provider.add(blob)
+        handlers[desc.digest] = DescHandler(provider)
+        parent = ref
+        ref = cm.get_by_blob(desc, parent, desc_handlers=handlers)
+        if parent is not None:
+            parent.release()
+    assert ref is not None
+    assert _upload_threads() == []
+    with serve() as registry, ref:
+        registry.answer = _refusing_first_upload()
+        with pytest.raises(InvalidError, match="upload refused"):
+            push(ref, registry.ref("team/app:1"), insecure=True, chunk_size=100)
+        assert _upload_threads() == []
+        methods = [s.method for s in registry.seen]
+    # The three uploads running when the first failed stopped at their next piece (none got
+    # past its first); the three waiting never started; no blob or manifest was completed.
+    assert methods.count("HEAD") == methods.count("POST") == 3, methods
+    assert methods.count("PATCH") <= 3, methods
+    assert "PUT" not in methods, methods

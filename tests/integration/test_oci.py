@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import socket
 import stat
 import subprocess
@@ -559,7 +560,9 @@ def sample_tar() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
-        def add(name: str, kind: bytes, data: bytes = b"", link: str = "", mode: int = 0o644):
+        def add(
+            name: str, kind: bytes, data: bytes = b"", link: str = "", mode: int = 0o644
+        ) -> None:
             info = tarfile.TarInfo(name)
             info.type = kind
             info.mode = mode
@@ -668,7 +671,39 @@ def test_import_failures_leave_nothing(
 
     with pytest.raises(RuntimeError, match="stop here"):
         import_path(cm, src, cache_policy=CachePolicy.RETAIN, progress=fail)
+    assert _import_threads() == []
     assert client.content.list_statuses() == []
+    assert cm.disk_usage() == []
+    assert_namespace_empty(cm, client)
+
+
+def _import_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "pyctrd-cache-import"]
+
+
+SYSFS_FILE = pathlib.Path("/sys/kernel/uevent_seqnum")
+
+
+@pytest.mark.skipif(not SYSFS_FILE.exists(), reason="no sysfs")
+def test_import_of_a_file_shorter_than_its_size_fails_with_the_tar_writers_error(
+    managers: Managers, client: Client, tmp_path: pathlib.Path
+) -> None:
+    # A sysfs file says 4096 bytes and reads fewer: the tar writer fails mid-stream, and its
+    # error, not the diff service's on the short stream, is the one raised.
+    cm = managers.open()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(1 << 20))
+    short = src / "short"
+    short.touch()
+    subprocess.run(["mount", "--bind", str(SYSFS_FILE), str(short)], check=True)
+    try:
+        assert short.stat().st_size > len(short.read_bytes())
+        with pytest.raises(InvalidError, match=re.escape(f"cannot read {src}: unexpected end")):
+            import_path(cm, src)
+    finally:
+        subprocess.run(["umount", str(short)], check=True)
+    assert _import_threads() == []
     assert cm.disk_usage() == []
     assert_namespace_empty(cm, client)
 

@@ -116,9 +116,9 @@ def test_get_remote(managers: Managers, client: Client) -> None:
         walk: ImmutableRef | None = ref.clone()
         while walk is not None:
             chain.append(walk.info())
-            parent = walk.parent()
+            up = walk.parent()
             walk.release()
-            walk = parent
+            walk = up
         chain.reverse()
         assert len(r.descriptors) == len(chain)
         for info, desc in zip(chain, r.descriptors, strict=True):
@@ -133,14 +133,14 @@ def test_get_remote(managers: Managers, client: Client) -> None:
     assert len(layers) == 16  # the lazy root, 14 layers written here, the second lazy root
     assert all(c == set(MEDIA_TYPES) for c in layers.values())
     seen: Counter[tuple[str, Compression]] = Counter()
-    for info in client.content.list():
-        blob = read_blob(client, info.digest)
+    for stored in client.content.list():
+        blob = read_blob(client, stored.digest)
         tar = decompress(blob)
         diff_id = digest_of(tar)
-        assert diff_id in layers, f"unexpected blob {info.digest}"
+        assert diff_id in layers, f"unexpected blob {stored.digest}"
         seen[(diff_id, kind_of(blob))] += 1
-        if UNCOMPRESSED in info.labels:
-            assert info.labels[UNCOMPRESSED] == diff_id
+        if UNCOMPRESSED in stored.labels:
+            assert stored.labels[UNCOMPRESSED] == diff_id
         if kind_of(blob) is Compression.UNCOMPRESSED:
             names = tar_names(tar)
             assert names in (["foo"], *([n] for n in _written_names()))

@@ -136,10 +136,10 @@ def test_a_public_call_meets_the_first_error_with_the_others_noted() -> None:
         both.wait()
         raise CacheError("provider failed") from cause
 
-    with pytest.raises(CacheError) as caught, unwrapped():
+    with pytest.raises(CacheError) as caused, unwrapped():
         run_all([fail_with_cause, fail("three")])
-    assert caught.value.__cause__ is cause
-    assert caught.value.__context__ is None  # not the group
+    assert caused.value.__cause__ is cause
+    assert caused.value.__context__ is None  # not the group
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [KeyError(1)]), KeyError(2)])
     assert first_error(nested).args == (1,)
 
@@ -185,3 +185,27 @@ def test_closing_produced_stops_the_producer() -> None:
     assert next(items) == 0
     items.close()
     assert stopped.is_set()
+
+
+def test_a_running_task_stops_at_its_checkpoint_once_the_group_failed() -> None:
+    steps: list[int] = []
+    running = threading.Event()
+    group = TaskGroup()
+
+    def long() -> None:
+        running.set()
+        for i in range(1000):
+            group.checkpoint()
+            steps.append(i)
+            time.sleep(0.001)
+
+    def fail() -> None:
+        running.wait()
+        raise CacheError("first")
+
+    with pytest.raises(ExceptionGroup) as caught, group:
+        tasks = [group.start(long), group.start(fail)]
+    assert [type(e) for e in caught.value.exceptions] == [CacheError]  # not its Cancelled
+    assert len(steps) < 1000
+    with pytest.raises(Cancelled):
+        tasks[0].result()
