@@ -429,4 +429,4 @@ def test_create_meets_a_directory_left_by_a_killed_daemon(
     assert (stray / "fs").is_dir()
     assert not (stray / "fs" / "left-behind").exists()
     assert sn.stat("second").name == "second"
-    assert "left by a killed containerd" in caplog.text
+    assert "met a directory left by a killed containerd" in caplog.text

@@ -49,6 +49,7 @@ class WorkloadChild:
         self.kept: dict[str, str] = {}
         self.done: tuple[int, int] | None = None
         self.faults = 0
+        self._stderr: str | None = None
         self._faulted = threading.Condition()
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -76,7 +77,7 @@ class WorkloadChild:
 
     def wait_ready(self, timeout: float = 60) -> None:
         if not self._ready.wait(timeout) or self.process.poll() is not None:
-            raise AssertionError(f"the workload did not start: {self.stderr()}")
+            raise AssertionError(f"the workload did not start: {self.stderr()[-4000:]}")
 
     def wait_fault(self, seen: int, timeout: float) -> bool:
         """Whether the child reports a fault beyond the first `seen` within `timeout`."""
@@ -92,7 +93,7 @@ class WorkloadChild:
         self.process.send_signal(signal.SIGKILL)
         code = self.wait(30)
         if code != -signal.SIGKILL:
-            raise AssertionError(f"the workload ended by itself ({code}): {self.stderr()}")
+            raise AssertionError(f"the workload ended by itself ({code}): {self.stderr()[-4000:]}")
 
     def wait(self, timeout: float) -> int:
         code = self.process.wait(timeout)
@@ -100,10 +101,13 @@ class WorkloadChild:
         return code
 
     def stderr(self) -> str:
+        """Everything the child wrote to stderr, once it has exited ("" before)."""
         if self.process.poll() is None:
             return ""
-        assert self.process.stderr is not None
-        return self.process.stderr.read()[-4000:]
+        if self._stderr is None:
+            assert self.process.stderr is not None
+            self._stderr = self.process.stderr.read()
+        return self._stderr
 
     def __enter__(self) -> WorkloadChild:
         return self
