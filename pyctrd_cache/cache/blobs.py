@@ -19,7 +19,7 @@ import logging
 import queue
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -497,12 +497,16 @@ def create_blob(
     core = rec.core
     sn = leased.snapshots(core.snapshotter)
     views: list[str] = []
-    lower = []
+
+    def lower() -> list[Mount]:
+        if rec.parent is None:
+            return []
+        views.append(f"diff-lower-{core.new_id()}")
+        return sn.view(views[-1], rec.parent._rec.md.snapshot_id)
+
     try:
         if rec.parent is not None:
             extract(rec.parent)
-            views.append(f"diff-lower-{core.new_id()}")
-            lower = sn.view(views[-1], rec.parent._rec.md.snapshot_id)
         with rec.mu:
             if rec.equal_mutable is not None:
                 key = rec.equal_mutable._rec.md.snapshot_id
@@ -528,11 +532,12 @@ def create_blob(
 def _diff(
     rec: _Record,
     leased: Client,
-    mounts: tuple[list[Mount], list[Mount]],
+    mounts: tuple[Callable[[], list[Mount]], list[Mount]],
     keys: tuple[list[str], str],
     compression: Compression,
 ) -> Descriptor:
-    """The record's layer as `compression`: from the overlay upper directory when that is
+    """The record's layer as `compression`, between the parent's mounts (made when the diff
+    service needs them) and the record's: from the overlay upper directory when that is
     cheaper (`overlay_diff`), else by containerd's diff service. A daemon that cannot write
     zstd (containerd 1.6 and 1.7) gets the upper directory's route whatever its cost, and
     where there is none writes the layer uncompressed, which is streamed back, compressed on
@@ -540,12 +545,12 @@ def _diff(
     blob's (the diff id); that blob is held only by the caller's temporary lease, so the
     collector takes it."""
     core = rec.core
-    lower, upper = mounts
+    lower_mounts, upper = mounts
     ingest = f"diff-{rec.id}"
 
     def from_upper(always: bool) -> Descriptor | None:
         return overlay_diff.try_write(
-            core, leased, mounts, keys, compression, ingest, write_layer, always=always
+            core, leased, upper, keys, compression, ingest, write_layer, always=always
         )
 
     media_type = media_type_for(compression)
@@ -553,6 +558,7 @@ def _diff(
         made = from_upper(False)
         if made is not None:
             return made
+        lower = lower_mounts()
         desc = leased.diff.diff(lower, upper, media_type=media_type, ref=ingest)
     except UnimplementedError:
         if compression is not Compression.ZSTD:

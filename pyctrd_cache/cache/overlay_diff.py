@@ -108,11 +108,25 @@ def _index_default_on() -> bool:
         return False
 
 
+def parent_mount(upper: Sequence[Mount]) -> list[Mount]:
+    """The read-only mount of the parent of the snapshot whose mounts are `upper` (a view
+    of a snapshot lists its own directory, then its parents'), as containerd would give
+    for a view of it; none when `upper` is not one overlay."""
+    if len(upper) != 1 or upper[0].type != "overlay":
+        return []
+    layers = overlay_layers(upper[0]) or []
+    if len(layers) < 2:
+        return []
+    if len(layers) == 2:
+        return [Mount("bind", layers[0], ("ro", "rbind"))]
+    return [Mount("overlay", "overlay", ("lowerdir=" + ":".join(layers[-2::-1]),))]
+
+
 def upper_dir(lower: Sequence[Mount], upper: Sequence[Mount]) -> tuple[str, str]:
     """The directory holding the change between the two snapshots' mounts, and "" ; or ""
     and why there is none (the caller then uses the diff service)."""
     if not lower:
-        return "", "no parent: the diff service walks only the layer"
+        return "", "no parent, or not one overlay: the diff service walks only the layer"
     if len(lower) != 1 or len(upper) != 1:
         return "", "more than one mount"
     if lower[0].type == "bind":
@@ -137,7 +151,7 @@ def upper_dir(lower: Sequence[Mount], upper: Sequence[Mount]) -> tuple[str, str]
 def try_write(
     core: Core,
     leased: Client,
-    mounts: tuple[Sequence[Mount], Sequence[Mount]],
+    upper: Sequence[Mount],
     keys: tuple[Sequence[str], str],
     compression: Compression,
     ingest: str,
@@ -145,17 +159,17 @@ def try_write(
     *,
     always: bool,
 ) -> Descriptor | None:
-    """The layer between the `(lower, upper)` mounts, written from the upper directory with
-    `write` (`blobs.write_layer`); None, with nothing written, when the route cannot be
-    taken. `keys` are the parent chain's snapshots and the upper snapshot.
+    """The layer of the snapshot whose mounts are `upper`, written from its upper directory
+    with `write` (`blobs.write_layer`); None, with nothing written, when the route cannot be
+    taken. `keys` are the parent chain's snapshots and the snapshot.
 
     Unless `always`, the route is taken only when it is the cheaper one: the diff service
     writes a layer's bytes within the daemon, several times faster than they stream here, but
     compares every entry of the tree below, so the route is taken when the upper directory
     holds fewer than `_ROUTE_BYTES_PER_INODE` bytes per inode of the snapshots below it.
     """
-    lower, upper = mounts
     parents, key = keys
+    lower = parent_mount(upper)
     directory, why = upper_dir(lower, upper)
     if not directory:
         log.debug("blob of snapshot %s by the diff service: %s", key, why)

@@ -287,7 +287,7 @@ def test_no_parent_and_other_snapshotters_use_the_diff_service(
     managers: Managers, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    for snapshotter, reason in (("overlayfs", "no parent"), ("native", "mount of type bind")):
+    for snapshotter, reason in (("overlayfs", "no parent"), ("native", "not one overlay")):
         cm = Manager.open(
             managers.daemon.address,
             namespace=managers.namespace,
