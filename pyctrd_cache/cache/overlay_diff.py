@@ -25,7 +25,10 @@ same tree:
   extended attributes only `security.capability` (what the diff service writes); sockets
   are left out.
 
-The route is taken only when it can be trusted (`upper_dir`): the snapshot has a parent,
+A snapshot without a parent is a plain directory, its layer all of it; the diff service
+walks it alone, so it is written here only when the diff service cannot write the
+compression (`bottom_dir`). Otherwise the route is taken only when it can be trusted
+(`upper_dir`): the snapshot has a parent,
 its mounts are one overlay whose lower directories are exactly the parent's, with no option
 but the ones containerd's snapshotter sets and no inode index, the directory is readable
 here, and the inode count of the walk is containerd's own usage of the snapshot (so that a
@@ -148,6 +151,18 @@ def upper_dir(lower: Sequence[Mount], upper: Sequence[Mount]) -> tuple[str, str]
     return directory, ""
 
 
+def bottom_dir(upper: Sequence[Mount]) -> tuple[str, str]:
+    """The directory of a snapshot without a parent (a view of it is a bind mount), and "";
+    or "" and why there is none. Its layer is all of it: the diff service walks it alone,
+    so it is written here only when the diff service cannot write the compression."""
+    if len(upper) != 1 or upper[0].type != "bind":
+        return "", "a snapshot without a parent that is not one bind mount"
+    directory = upper[0].source
+    if not os.path.isdir(directory) or not os.access(directory, os.R_OK | os.X_OK):
+        return "", f"{directory} is not a readable directory here"
+    return directory, ""
+
+
 def try_write(
     core: Core,
     leased: Client,
@@ -171,6 +186,8 @@ def try_write(
     parents, key = keys
     lower = parent_mount(upper)
     directory, why = upper_dir(lower, upper)
+    if not parents and always:
+        directory, why = bottom_dir(upper)
     if not directory:
         log.debug("blob of snapshot %s by the diff service: %s", key, why)
         return None
@@ -191,7 +208,7 @@ def try_write(
             )
             return None
     try:
-        with _mounted(core, lower[0]) as base:
+        with _mounted(core, lower if parents else []) as base:
             walk = _Walk(directory, base)
 
             def run(put: Callable[[bytes], None]) -> None:
@@ -213,8 +230,13 @@ def try_write(
 
 
 @contextlib.contextmanager
-def _mounted(core: Core, m: Mount) -> Iterator[str]:
-    """The lower tree, read-only: a bound directory as it is, an overlay mounted here."""
+def _mounted(core: Core, mounts: Sequence[Mount]) -> Iterator[str | None]:
+    """The lower tree, read-only: a bound directory as it is, an overlay mounted here; None
+    when there is none."""
+    if not mounts:
+        yield None
+        return
+    m = mounts[0]
     if m.type == "bind":
         yield m.source
         return
@@ -308,9 +330,11 @@ def _same(base_st: os.stat_result, st: os.stat_result, base: str, path: str) -> 
 
 
 class _Walk:
-    """The tar of an upper directory's change against the lower tree `base`."""
+    """The tar of an upper directory's change against the lower tree `base`; with no lower
+    tree, the tar of the whole directory, which is not an overlay's upper directory: a
+    character device 0/0 is a device there, not a whiteout."""
 
-    def __init__(self, upper: str, base: str) -> None:
+    def __init__(self, upper: str, base: str | None) -> None:
         self._upper = upper
         self._base = base
         self._written_dirs: set[str] = set()
@@ -343,6 +367,11 @@ class _Walk:
             if any(x in _UNREPRESENTABLE for x in xattrs):
                 raise _Unrepresentable(f"{rel} is a redirect or a metadata-only copy")
             is_dir = stat.S_ISDIR(st.st_mode)
+            if self._base is None:
+                self._write(rel, path, st)
+                if is_dir:
+                    self._walk(rel + "/", opaque=False)
+                continue
             if _whiteout(st):
                 if not opaque and _lstat(os.path.join(self._base, rel)) is not None:
                     self._write_marker(directory, _WHITEOUT + name)

@@ -162,7 +162,7 @@ def tree(root: pathlib.Path) -> dict[str, Any]:
     return entries
 
 
-def applied_tree(cm: Manager, parent: ImmutableRef, desc: Descriptor) -> dict[str, Any]:
+def applied_tree(cm: Manager, parent: ImmutableRef | None, desc: Descriptor) -> dict[str, Any]:
     work = cm.new(parent)
     try:
         work.apply(desc)
@@ -341,3 +341,36 @@ def test_a_large_change_on_a_small_base_uses_the_diff_service(
         other.release()
     snap.release()
     parent.release()
+
+
+def test_a_base_layer_in_zstd_is_written_here_where_the_daemon_cannot(
+    managers: Managers, client: Client, daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot without a parent is a plain directory, a character device 0/0 in it a
+    device: containerd 2.x diffs it to zstd itself; 1.6 and 1.7 get the directory written
+    here, and the layer applies to the diff service's tree."""
+    cm = managers.open()
+    work = cm.new()
+    with work.mount(readonly=False) as root:
+        make_base(root)
+        os.mknod(root / "zero-zero", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    snap = work.commit()
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    (ours,) = snap.get_remote(compression=Compression.ZSTD).descriptors
+    assert ours.media_type == TAR_ZSTD
+    assert (UPPER_ROUTE in caplog.text) is (daemon.version < (2, 0, 1))
+    lease = client.leases.create(flat=True).id
+    try:
+        leased = client.with_lease(lease)
+        sn = leased.snapshots(cm.snapshotter)
+        upper = sn.view(f"upper-{lease}", snap.info().snapshot_id)
+        try:
+            theirs = leased.diff.diff([], upper, media_type=TAR)
+        finally:
+            sn.remove(f"upper-{lease}")
+        expected = applied_tree(cm, None, theirs)
+        assert expected["zero-zero"][3] == (0, 0)
+        assert applied_tree(cm, None, ours) == expected
+    finally:
+        client.leases.delete(lease)
+    snap.release()
