@@ -54,8 +54,9 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 
 from .._streams import ChunkWriter
 from .._tasks import produced
-from ..client import Client, Descriptor, Mount
+from ..client import Client, Descriptor, Mount, SnapshotsService
 from ..compression import Compression
+from ..errors import NotFoundError
 from ..mountpoints import new_mount_point, unmount
 
 if TYPE_CHECKING:
@@ -192,21 +193,18 @@ def try_write(
         log.debug("blob of snapshot %s by the diff service: %s", key, why)
         return None
     sn = leased.snapshots(core.snapshotter)
-    usage = sn.usage(key)
-    if not always:
-        below = 0
-        for parent in parents:
-            below += sn.usage(parent).inodes
-            if usage.size < below * _ROUTE_BYTES_PER_INODE:
-                break
-        else:
+    try:
+        usage = sn.usage(key)
+        if not always and not _cheaper(sn, parents, usage.size):
             log.debug(
-                "blob of snapshot %s by the diff service: %d bytes on %d inodes below",
+                "blob of snapshot %s by the diff service: %d bytes of change on few entries",
                 key,
                 usage.size,
-                below,
             )
             return None
+    except NotFoundError as err:
+        log.debug("blob of snapshot %s by the diff service: %s", key, err)
+        return None
     try:
         with _mounted(core, lower if parents else []) as base:
             walk = _Walk(directory, base)
@@ -227,6 +225,17 @@ def try_write(
         return None
     log.debug("blob of snapshot %s written from its upper directory %s", key, directory)
     return desc
+
+
+def _cheaper(sn: SnapshotsService, parents: Sequence[str], size: int) -> bool:
+    """Whether `size` bytes of change are under `_ROUTE_BYTES_PER_INODE` per inode of the
+    snapshots below (counted until they are)."""
+    below = 0
+    for parent in parents:
+        below += sn.usage(parent).inodes
+        if size < below * _ROUTE_BYTES_PER_INODE:
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -291,8 +300,13 @@ def _whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def _open(path: str) -> BinaryIO:
+    """A regular file, opened without following a symlink swapped in meanwhile."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+
+
 def _same_content(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+    with _open(a) as fa, _open(b) as fb:
         while True:
             x, y = fa.read(_CHUNK), fb.read(_CHUNK)
             if x != y:
@@ -444,8 +458,7 @@ class _Walk:
         if not stat.S_ISREG(mode):
             self._tar.addfile(info)
             return
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
+        with _open(path) as f:
             info.type = tarfile.REGTYPE
             info.size = os.fstat(f.fileno()).st_size
             if info.size != st.st_size:
