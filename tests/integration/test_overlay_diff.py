@@ -374,3 +374,38 @@ def test_a_base_layer_in_zstd_is_written_here_where_the_daemon_cannot(
     finally:
         client.leases.delete(lease)
     snap.release()
+
+
+def test_a_change_on_a_chain_of_layers(
+    base: tuple[Manager, ImmutableRef], client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a parent of several layers the lower tree is an overlay mounted here: entries of
+    either layer below are deleted, replaced and changed."""
+    cm, bottom = base
+
+    def middle_change(r: pathlib.Path) -> None:
+        (r / "d" / "f2").unlink()
+        write(r / "middle" / "m", b"middle\n")
+        os.chmod(r / "perm.txt", 0o600)
+
+    def top_change(r: pathlib.Path) -> None:
+        write(r / "d" / "f2", b"back again\n")
+        shutil.rmtree(r / "middle")
+        shutil.rmtree(r / "opq")
+        write(r / "opq" / "fresh", b"fresh\n")
+        (r / "a.txt").unlink()
+        write(r / "perm.txt", b"perm, rewritten\n")
+
+    middle = changed(cm, bottom, middle_change)
+    top = changed(cm, middle, top_change)
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    ours = top.get_remote(compression=Compression.UNCOMPRESSED).descriptors[-1]
+    assert caplog.text.count(UPPER_ROUTE) == 2
+    lease = client.leases.create(flat=True).id
+    try:
+        expected = applied_tree(cm, middle, service_layer(client, cm, top, lease))
+        assert applied_tree(cm, middle, ours) == expected
+    finally:
+        client.leases.delete(lease)
+    top.release()
+    middle.release()
