@@ -553,12 +553,12 @@ def _diff(
             core, leased, upper, keys, compression, ingest, write_layer, always=always
         )
 
+    made = from_upper(False)
+    if made is not None:
+        return made
+    lower = lower_mounts()
     media_type = media_type_for(compression)
     try:
-        made = from_upper(False)
-        if made is not None:
-            return made
-        lower = lower_mounts()
         desc = leased.diff.diff(lower, upper, media_type=media_type, ref=ingest)
     except UnimplementedError:
         if compression is not Compression.ZSTD:

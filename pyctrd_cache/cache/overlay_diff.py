@@ -79,6 +79,7 @@ _HARMLESS_OPTIONS: Final = frozenset({"index=off", "userxattr", "ro", "rw"})
 _INDEX_PARAMETER: Final = pathlib.Path("/sys/module/overlay/parameters/index")
 _CHUNK: Final = 1 << 20
 _ROUTE_BYTES_PER_INODE: Final = 4096
+_ROUTE_PROBES: Final = 4
 
 
 class _Unrepresentable(Exception):
@@ -182,7 +183,8 @@ def try_write(
     Unless `always`, the route is taken only when it is the cheaper one: the diff service
     writes a layer's bytes within the daemon, several times faster than they stream here, but
     compares every entry of the tree below, so the route is taken when the upper directory
-    holds fewer than `_ROUTE_BYTES_PER_INODE` bytes per inode of the snapshots below it.
+    holds fewer than `_ROUTE_BYTES_PER_INODE` bytes per inode of the snapshots below it
+    (`_cheaper`).
     """
     parents, key = keys
     lower = parent_mount(upper)
@@ -229,9 +231,11 @@ def try_write(
 
 def _cheaper(sn: SnapshotsService, parents: Sequence[str], size: int) -> bool:
     """Whether `size` bytes of change are under `_ROUTE_BYTES_PER_INODE` per inode of the
-    snapshots below (counted until they are)."""
+    snapshots below, counted bottom first (where a tree's bulk usually is) until they are,
+    over `_ROUTE_PROBES` snapshots at most so that a long chain of large layers pays few
+    calls for its answer."""
     below = 0
-    for parent in parents:
+    for parent in parents[:_ROUTE_PROBES]:
         below += sn.usage(parent).inodes
         if size < below * _ROUTE_BYTES_PER_INODE:
             return True
