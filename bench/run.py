@@ -157,12 +157,11 @@ def _diff_directly(
     client: Client, snapshotter: str, refs: list[ImmutableRef], media: str
 ) -> float | None:
     """Seconds the diff service takes for every layer of the chain, all at once as
-    get_remote does; None when the daemon cannot write `media` (zstd before containerd
-    1.7.29 and 2.0.1)."""
+    get_remote does, with the views it diffs made and removed; None when the daemon cannot
+    write `media` (zstd before containerd 1.7.29 and 2.0.1)."""
     lease = client.leases.create(flat=True)
     leased = client.with_lease(lease.id)
     sn = leased.snapshots(snapshotter)
-    views = [sn.view(f"bench-{ref.id}", ref.info().snapshot_id) for ref in refs]
     unsupported: list[bool] = []
 
     def diff(lower: list[Mount], upper: list[Mount]) -> None:
@@ -173,6 +172,7 @@ def _diff_directly(
 
     try:
         started = time.perf_counter()
+        views = [sn.view(f"bench-{ref.id}", ref.info().snapshot_id) for ref in refs]
         threads = [
             threading.Thread(target=diff, args=(lower, upper))
             for lower, upper in zip([[], *views], views, strict=False)
@@ -181,6 +181,8 @@ def _diff_directly(
             t.start()
         for t in threads:
             t.join()
+        for ref in refs:
+            sn.remove(f"bench-{ref.id}")
         elapsed = time.perf_counter() - started
     finally:
         client.leases.delete(lease.id, sync=True)
