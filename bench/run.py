@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -44,7 +45,9 @@ from pyctrd_cache import (
     pull_layout,
     push,
 )
+from pyctrd_cache.cache import overlay_diff
 from pyctrd_cache.client import Client
+from pyctrd_cache.compression import OCI_LAYER as TAR
 from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
 from pyctrd_cache.compression import decompressed_chunks, media_type_for
 from tests.stargz_fix import write_estargz_layout
@@ -150,21 +153,26 @@ def _chain(cm: Manager, layers: int, layer_size: int, seed: int) -> list[Immutab
     return refs
 
 
-def _diff_directly(client: Client, snapshotter: str, refs: list[ImmutableRef], media: str) -> None:
-    """The diff service called for every layer of the chain, all at once as get_remote does:
-    the floor of get_remote."""
+def _diff_directly(
+    client: Client, snapshotter: str, refs: list[ImmutableRef], media: str
+) -> float | None:
+    """Seconds the diff service takes for every layer of the chain, all at once as
+    get_remote does, with the views it diffs made and removed; None when the daemon cannot
+    write `media` (zstd before containerd 1.7.29 and 2.0.1)."""
     lease = client.leases.create(flat=True)
     leased = client.with_lease(lease.id)
     sn = leased.snapshots(snapshotter)
-    views = [sn.view(f"bench-{ref.id}", ref.info().snapshot_id) for ref in refs]
+    unsupported: list[bool] = []
 
     def diff(lower: list[Mount], upper: list[Mount]) -> None:
         try:
             leased.diff.diff(lower, upper, media_type=media)
-        except UnimplementedError:  # no zstd diffs before containerd 1.7.29 / 2.0.1
-            leased.diff.diff(lower, upper, media_type=media_type_for(Compression.GZIP))
+        except UnimplementedError:
+            unsupported.append(True)
 
     try:
+        started = time.perf_counter()
+        views = [sn.view(f"bench-{ref.id}", ref.info().snapshot_id) for ref in refs]
         threads = [
             threading.Thread(target=diff, args=(lower, upper))
             for lower, upper in zip([[], *views], views, strict=False)
@@ -173,39 +181,54 @@ def _diff_directly(client: Client, snapshotter: str, refs: list[ImmutableRef], m
             t.start()
         for t in threads:
             t.join()
+        for ref in refs:
+            sn.remove(f"bench-{ref.id}")
+        elapsed = time.perf_counter() - started
     finally:
         client.leases.delete(lease.id, sync=True)
+    return None if unsupported else elapsed
 
 
 def bench_remote(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
-    """get_remote on a ten-layer chain of 16 MiB layers, against the diff service called
-    directly for the same layers; gzip to zstd conversion against gzip -dc | zstd."""
+    """get_remote on a ten-layer chain of 16 MiB layers in each compression, against each
+    other and against the diff service called directly for the same layers (uncompressed,
+    and in the same compression where the daemon can write it); gzip to zstd conversion
+    against gzip -dc | zstd."""
     del cycles
     layers, layer_size = 10, 16 << 20
     cm = Manager.open(address, namespace="bench-remote", state_dir=work / "remote-state")
     bare = Client(address, namespace="bench-remote")
-    rows = []
-    for compression in (Compression.UNCOMPRESSED, Compression.GZIP, Compression.ZSTD):
-        floor_times, ours_times = [], []
-        for r in range(max(1, rounds // 2)):
+    compressions = (Compression.UNCOMPRESSED, Compression.GZIP, Compression.ZSTD)
+    ours: dict[Compression, list[float]] = {c: [] for c in compressions}
+    plain_floor: dict[Compression, list[float]] = {c: [] for c in compressions}
+    same_floor: dict[Compression, list[float]] = {c: [] for c in compressions}
+    for r in range(max(1, rounds // 2)):
+        for compression in compressions[:: 1 if r % 2 else -1]:
             refs = _chain(cm, layers, layer_size, seed=r)
-            started = time.perf_counter()
-            _diff_directly(bare, cm.snapshotter, refs, media_type_for(compression))
-            floor_times.append(time.perf_counter() - started)
+            plain = _diff_directly(bare, cm.snapshotter, refs, TAR)
+            assert plain is not None
+            plain_floor[compression].append(plain)
+            same = _diff_directly(bare, cm.snapshotter, refs, media_type_for(compression))
+            if same is not None:
+                same_floor[compression].append(same)
             started = time.perf_counter()
             refs[-1].get_remote(compression=compression)
-            ours_times.append(time.perf_counter() - started)
+            ours[compression].append(time.perf_counter() - started)
             for ref in refs:
                 ref.release()
             cm.prune(PrunePolicy(all=True))
-        f, o = statistics.median(floor_times), statistics.median(ours_times)
-        rows.append(
-            Row(
-                f"get_remote, 10 x 16 MiB, {compression.value}",
-                f"{o:.2f} s",
-                f"diff service directly {f:.2f} s, ratio {o / f:.2f}x",
-            )
-        )
+    rows = []
+    u = statistics.median(ours[Compression.UNCOMPRESSED])
+    for compression in compressions:
+        o = statistics.median(ours[compression])
+        p = statistics.median(plain_floor[compression])
+        note = f"{o / u:.2f}x uncompressed get_remote, {o / p:.2f}x the uncompressed diffs"
+        if same_floor[compression] and compression is not Compression.UNCOMPRESSED:
+            same = statistics.median(same_floor[compression])
+            note += f", {o / same:.2f}x the {compression.value} diffs"
+        elif not same_floor[compression]:
+            note += f" (the daemon cannot diff to {compression.value})"
+        rows.append(Row(f"get_remote, 10 x 16 MiB, {compression.value}", f"{o:.2f} s", note))
 
     # gzip -> zstd conversion of one 64 MiB layer.
     (ref,) = _chain(cm, 1, 64 << 20, seed=99)
@@ -242,6 +265,82 @@ def bench_remote(address: str, work: pathlib.Path, cycles: int, rounds: int) -> 
     cm.close()
     bare.close()
     return rows
+
+
+def _one_diff(client: Client, snapshotter: str, parent: ImmutableRef, child: ImmutableRef) -> float:
+    """Seconds the diff service takes for the child's layer (gzip), on views of both."""
+    lease = client.leases.create(flat=True)
+    sn = client.with_lease(lease.id).snapshots(snapshotter)
+    try:
+        lower = sn.view(f"bench-lower-{lease.id}", parent.info().snapshot_id)
+        upper = sn.view(f"bench-upper-{lease.id}", child.info().snapshot_id)
+        started = time.perf_counter()
+        client.with_lease(lease.id).diff.diff(lower, upper)
+        return time.perf_counter() - started
+    finally:
+        client.leases.delete(lease.id, sync=True)
+
+
+def bench_small_change(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """The gzip blob of a one-file change on a 20,000-file base: get_remote (whose differ
+    writes it from the overlay upper directory) against the diff service called directly on
+    the same two snapshots, in alternating rounds, a fresh change each round."""
+    del cycles
+    files = 20_000
+    cm = Manager.open(address, namespace="bench-small", state_dir=work / "small-state")
+    bare = Client(address, namespace="bench-small")
+    base_work = cm.new()
+    with base_work.mount(readonly=False) as root:
+        for i in range(files):
+            directory = root / f"d{i % 200:03d}"
+            directory.mkdir(exist_ok=True)
+            (directory / f"f{i:05d}").write_bytes(b"%d\n" % i * 10)
+    base = base_work.commit()
+    base.get_remote()  # the base's own blob, made once
+    ours, theirs, routes = [], [], []
+    route = overlay_diff.try_write
+
+    def timed_route(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return route(*args, **kwargs)
+        finally:
+            routes.append(time.perf_counter() - started)
+
+    overlay_diff.try_write = timed_route
+    for r in range(rounds * 2):
+        work_ref = cm.new(base)
+        with work_ref.mount(readonly=False) as root:
+            (root / "d007" / "f00007").write_bytes(b"changed in round %d\n" % r)
+        child = work_ref.commit()
+        child.finalize()
+        for measure in ("theirs", "ours") if r % 2 else ("ours", "theirs"):
+            if measure == "theirs":
+                theirs.append(_one_diff(bare, cm.snapshotter, base, child))
+            else:
+                started = time.perf_counter()
+                child.get_remote()
+                ours.append(time.perf_counter() - started)
+        child.release()
+    overlay_diff.try_write = route
+    base.release()
+    cm.prune(PrunePolicy(all=True))
+    cm.close()
+    bare.close()
+    o, t, w = (statistics.median(x) for x in (ours, theirs, routes))
+    return [
+        Row("one-file change on 20,000 files, diff service", f"{t * 1000:.0f} ms", "gzip"),
+        Row(
+            "  get_remote of the change (upper directory)",
+            f"{o * 1000:.0f} ms",
+            f"{o / t:.2f}x the diff service's time",
+        ),
+        Row(
+            "  of which the blob's writing",
+            f"{w * 1000:.0f} ms",
+            f"{w / t:.2f}x the diff service's time",
+        ),
+    ]
 
 
 def _uncompressed_size(client: Client, digest: str) -> int:
@@ -587,6 +686,7 @@ def _first_reads(
 BENCHES = {
     "core": bench_core,
     "remote": bench_remote,
+    "small-change": bench_small_change,
     "usage": bench_usage,
     "layouts": bench_layouts,
     "registry": bench_registry,

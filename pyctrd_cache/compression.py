@@ -204,9 +204,16 @@ def decompressed_chunks(chunks: Iterable[bytes], compression: Compression) -> It
         raise InvalidError(f"corrupt {compression.value} layer: {err}") from None
 
 
+# zstd compresses on worker threads, one per core: its output is the same for any number of
+# workers (one or more), so a layer's zstd blob does not depend on the machine that made it.
+_ZSTD_LEVEL: Final = 3
+_ZSTD_THREADS: Final = -1
+
+
 def compressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iterator[bytes]:
     """The layer stream compressed as uncompressed, gzip or zstd (eStargz needs the whole
-    tar's structure: `estargz.write_estargz` writes it)."""
+    tar's structure: `estargz.write_estargz` writes it). zstd runs on worker threads of the
+    codec's own, at level 3; gzip is zlib at level 6 on the calling thread."""
     if compression is Compression.UNCOMPRESSED:
         yield from chunks
         return
@@ -216,7 +223,7 @@ def compressed_chunks(chunks: Iterable[bytes], compression: Compression) -> Iter
         z = zlib.compressobj(level=6, wbits=31)
         compress, flush = z.compress, z.flush
     elif compression is Compression.ZSTD:
-        zc = zstandard.ZstdCompressor(level=3).compressobj()
+        zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=_ZSTD_THREADS).compressobj()
         compress, flush = zc.compress, zc.flush
     else:
         raise AssertionError(compression)

@@ -19,19 +19,20 @@ import logging
 import queue
 import tarfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from .. import _validate
 from .._streams import ChunkReader
-from .._tasks import TaskGroup, detached, unwrapped
+from .._tasks import TaskGroup, detached, pipelined, unwrapped
 from ..client import Client, ContentWriter, Descriptor, LeaseResource, Mount
 from ..compression import (
     OCI_LAYER,
     Compression,
     chain_id,
+    compressed_chunks,
     decompressed_chunks,
     detect,
     from_descriptor,
@@ -55,7 +56,7 @@ from ..estargz import (
 )
 from ..mounts import readonly_mounts
 from ..remote import DescHandler, DescHandlers, ProgressEvent
-from . import remote_snapshots
+from . import overlay_diff, remote_snapshots
 from .remote_snapshots import Session
 
 if TYPE_CHECKING:
@@ -486,9 +487,9 @@ def create_blob(
     create_if_needed: bool,
     compression: Compression,
 ) -> bool:
-    """Makes the record's blob with the diff service unless it has one; whether it was made
-    in another compression than `compression`: gzip for eStargz, which the diff service
-    cannot write, and for zstd on a daemon that cannot write zstd."""
+    """Makes the record's blob unless it has one, from its overlay upper directory where that
+    can be trusted (`overlay_diff`), else with the diff service; whether it was made in
+    another compression than `compression` (gzip for eStargz, which is converted)."""
     if rec.md.blob:
         return False
     if not create_if_needed:
@@ -496,40 +497,144 @@ def create_blob(
     core = rec.core
     sn = leased.snapshots(core.snapshotter)
     views: list[str] = []
-    lower = []
+
+    def lower() -> list[Mount]:
+        if rec.parent is None:
+            return []
+        views.append(f"diff-lower-{core.new_id()}")
+        return sn.view(views[-1], rec.parent._rec.md.snapshot_id)
+
     try:
         if rec.parent is not None:
             extract(rec.parent)
-            views.append(f"diff-lower-{core.new_id()}")
-            lower = sn.view(views[-1], rec.parent._rec.md.snapshot_id)
         with rec.mu:
             if rec.equal_mutable is not None:
-                upper = readonly_mounts(sn.mounts(rec.equal_mutable._rec.md.snapshot_id))
+                key = rec.equal_mutable._rec.md.snapshot_id
+                upper = readonly_mounts(sn.mounts(key))
             else:
+                key = rec.md.snapshot_id
                 views.append(f"diff-upper-{core.new_id()}")
-                upper = sn.view(views[-1], rec.md.snapshot_id)
-        media_type = media_type_for(compression)
+                upper = sn.view(views[-1], key)
         made_other = compression is Compression.ESTARGZ
-        try:
-            desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
-        except UnimplementedError:
-            if compression is not Compression.ZSTD:
-                raise
-            log.info("containerd cannot write zstd; making the blob of %s in gzip", rec.id)
-            made_other = True
-            media_type = media_type_for(Compression.GZIP)
-            desc = leased.diff.diff(lower, upper, media_type=media_type, ref=f"diff-{rec.id}")
+        if made_other:
+            compression = Compression.GZIP
+        parents = [r.md.snapshot_id for r in chain_of(rec.parent)] if rec.parent else []
+        desc = _diff(rec, leased, (lower, upper), (parents, key), compression)
     finally:
         # Views go at once, so that no snapshot outlives the work as a child of the chain's.
         for view in views:
             with contextlib.suppress(CacheError):
                 sn.remove(view)
+    set_blob(rec, desc)
+    return made_other
+
+
+def _diff(
+    rec: _Record,
+    leased: Client,
+    mounts: tuple[Callable[[], list[Mount]], list[Mount]],
+    keys: tuple[list[str], str],
+    compression: Compression,
+) -> Descriptor:
+    """The record's layer as `compression`, between the parent's mounts (made when the diff
+    service needs them) and the record's: from the overlay upper directory when that is
+    cheaper (`overlay_diff`), else by containerd's diff service. A daemon that cannot write
+    zstd (containerd 1.6 and 1.7) gets the upper directory's route whatever its cost, and
+    where there is none writes the layer uncompressed, which is streamed back, compressed on
+    every core and written as the zstd blob, its digest checked against the uncompressed
+    blob's (the diff id); that blob is held only by the caller's temporary lease, so the
+    collector takes it."""
+    core = rec.core
+    lower_mounts, upper = mounts
+    ingest = f"diff-{rec.id}"
+
+    def from_upper(always: bool) -> Descriptor | None:
+        return overlay_diff.try_write(
+            core, leased, upper, keys, compression, ingest, write_layer, always=always
+        )
+
+    made = from_upper(False)
+    if made is not None:
+        return made
+    lower = lower_mounts()
+    media_type = media_type_for(compression)
+    try:
+        desc = leased.diff.diff(lower, upper, media_type=media_type, ref=ingest)
+    except UnimplementedError:
+        if compression is not Compression.ZSTD:
+            raise
+        log.debug("containerd cannot write zstd: the blob of %s is compressed here", rec.id)
+        made = from_upper(True)
+        if made is not None:
+            return made
+        plain = leased.diff.diff(lower, upper, media_type=OCI_LAYER, ref=ingest)
+        return write_layer(
+            leased,
+            f"zstd-{plain.digest}",
+            leased.content.read(plain.digest),
+            Compression.ZSTD,
+            diff_id=plain.digest,
+        )
     labels = leased.content.info(desc.digest).labels
     diff_id = labels.get(UNCOMPRESSED_LABEL) or (desc.digest if media_type == OCI_LAYER else "")
     if not diff_id:
         raise CacheError(f"containerd did not record the uncompressed digest of {desc.digest}")
-    set_blob(rec, Descriptor(media_type, desc.digest, desc.size, {UNCOMPRESSED_LABEL: diff_id}))
-    return made_other
+    return Descriptor(media_type, desc.digest, desc.size, {UNCOMPRESSED_LABEL: diff_id})
+
+
+def write_layer(
+    leased: Client,
+    ingest: str,
+    tar: Iterable[bytes],
+    compression: Compression,
+    *,
+    diff_id: str = "",
+) -> Descriptor:
+    """Writes the layer tar `tar` into the content store as a blob of `compression` (not
+    eStargz) as it streams, never holding it whole.
+
+    Producing the tar, compressing and writing run in tasks of their own; the codecs and
+    the hashes release the GIL, so the stages overlap on several cores. The tar's digest is
+    the descriptor's `containerd.io/uncompressed` annotation and a compressed blob's label;
+    with `diff_id` it is checked first, and a mismatch aborts the ingest (`InvalidError`).
+    """
+    uncompressed = hashlib.sha256()
+    compressed = hashlib.sha256()
+    plain = compression is Compression.UNCOMPRESSED
+
+    def tee() -> Iterator[bytes]:
+        for chunk in tar:
+            uncompressed.update(chunk)
+            yield chunk
+
+    def compress() -> Iterator[bytes]:
+        for chunk in compressed_chunks(pipelined(tee()), compression):
+            if not plain:
+                compressed.update(chunk)
+            yield chunk
+
+    size = 0
+    with leased.content.writer(ingest) as writer:
+        if writer.offset:
+            writer.truncate()
+        try:
+            for chunk in pipelined(compress()):
+                size += len(chunk)
+                writer.write(chunk)
+            seen = "sha256:" + uncompressed.hexdigest()
+            if diff_id and seen != diff_id:
+                raise InvalidError(
+                    f"{ingest}: the layer's tar hashes to {seen}, not to its diff id {diff_id}"
+                )
+            digest = seen if plain else "sha256:" + compressed.hexdigest()
+            labels = {} if plain else {UNCOMPRESSED_LABEL: seen}
+            commit_written(leased, writer, size=size, digest=digest, labels=labels)
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(CacheError):
+                leased.content.abort(ingest)
+            raise
+    return Descriptor(media_type_for(compression), digest, size, {UNCOMPRESSED_LABEL: seen})
 
 
 def commit_written(

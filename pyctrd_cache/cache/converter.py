@@ -18,7 +18,6 @@ from .._tasks import pipelined, produced
 from ..client import Client, Descriptor
 from ..compression import (
     Compression,
-    compressed_chunks,
     decompressed_chunks,
     media_type_for,
     needs_conversion,
@@ -35,6 +34,7 @@ from .blobs import (
     get_compression_blob,
     oci_desc,
     unlazy,
+    write_layer,
 )
 
 if TYPE_CHECKING:
@@ -79,18 +79,22 @@ def convert(
     and the descriptor the eStargz annotations.
     """
     source = compression_of(desc.media_type)
+    chunks = decompressed_chunks(core.client.content.read(desc.digest), source)
+    ingest = f"convert-{desc.digest}-{target.value}"
+    if target is not Compression.ESTARGZ:
+        return write_layer(leased, ingest, chunks, target, diff_id=diff_id)
     uncompressed = hashlib.sha256()
     compressed = hashlib.sha256()
     estargz_layers: list[EStargzLayer] = []
 
     def tee() -> Iterator[bytes]:
-        for chunk in decompressed_chunks(core.client.content.read(desc.digest), source):
+        for chunk in chunks:
             uncompressed.update(chunk)
             yield chunk
 
-    def write_layer(put: Callable[[bytes], None]) -> None:
-        with contextlib.closing(pipelined(tee())) as chunks:
-            tar = io.BufferedReader(ChunkReader(chunks), CHUNK)
+    def write_layer_estargz(put: Callable[[bytes], None]) -> None:
+        with contextlib.closing(pipelined(tee())) as tar_chunks:
+            tar = io.BufferedReader(ChunkReader(tar_chunks), CHUNK)
             sink = io.BufferedWriter(ChunkWriter(put), CHUNK)
             estargz_layers.append(write_estargz(tar, sink))
             sink.flush()
@@ -100,24 +104,17 @@ def convert(
                 pass
 
     def compress() -> Iterator[bytes]:
-        chunks: Iterator[bytes]
-        if target is Compression.ESTARGZ:
-            chunks = produced(write_layer)
-        else:
-            chunks = compressed_chunks(pipelined(tee()), target)
-        for chunk in chunks:
+        for chunk in produced(write_layer_estargz):
             compressed.update(chunk)
             yield chunk
 
-    ingest = f"convert-{desc.digest}-{target.value}"
     size = 0
     with leased.content.writer(ingest) as writer:
         if writer.offset:
             writer.truncate()
         try:
-            # Reading and decompressing, compressing, and writing run in threads of their own
-            # (eStargz in one more: its writer pulls the tar): the codecs and the hashes
-            # release the GIL, so the stages overlap on several cores.
+            # Reading and decompressing, rewriting, and writing run in threads of their own
+            # (the eStargz writer pulls the tar from one more).
             for chunk in pipelined(compress()):
                 size += len(chunk)
                 writer.write(chunk)
@@ -127,15 +124,8 @@ def convert(
                     f"layer {desc.digest} decompresses to {seen}, not to its diff id {diff_id}"
                 )
             digest = "sha256:" + compressed.hexdigest()
-            if estargz_layers:
-                annotations = estargz_layers[0].annotations()
-            else:
-                annotations = {UNCOMPRESSED_LABEL: diff_id}
-            labels = (
-                {}
-                if target is Compression.UNCOMPRESSED
-                else {UNCOMPRESSED_LABEL: annotations[UNCOMPRESSED_LABEL]}
-            )
+            annotations = estargz_layers[0].annotations()
+            labels = {UNCOMPRESSED_LABEL: annotations[UNCOMPRESSED_LABEL]}
             commit_written(leased, writer, size=size, digest=digest, labels=labels)
         except BaseException:
             writer.close()

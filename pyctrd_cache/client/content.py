@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import collections
 import io
 import queue
 import time
@@ -23,6 +24,9 @@ from .types import ContentInfo, IngestStatus, frozen_labels
 SERVICE = "containerd.services.content.v1.Content"
 CHUNK: Final = 1 << 20
 """Bytes per write message; containerd's own client uses the same."""
+WINDOW: Final = 8
+"""Write messages sent ahead of containerd's replies: one reply per message would hold a
+writer to one message per round trip."""
 
 
 def _info(info: pb.Info) -> ContentInfo:
@@ -206,6 +210,7 @@ class ContentWriter:
             SERVICE, "Write", iter(self._requests.get, None), pb.WriteContentResponse
         )
         self._closed = False
+        self._in_flight: collections.deque[int] = collections.deque()
         reply = self._send(
             pb.WriteContentRequest(action=pb.STAT, ref=ref, expected=expected, total=total)
         )
@@ -223,8 +228,7 @@ class ContentWriter:
     ) -> None:
         self.close()
 
-    def _send(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
-        self._requests.put(req)
+    def _reply(self) -> pb.WriteContentResponse:
         try:
             return next(self._replies)
         except StopIteration:
@@ -235,14 +239,33 @@ class ContentWriter:
             self._requests.put(None)
             raise
 
+    def _send(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
+        self._drain()
+        self._requests.put(req)
+        return self._reply()
+
+    def _drain(self, keep: int = 0) -> None:
+        """Takes the replies to writes in flight until at most `keep` remain."""
+        while len(self._in_flight) > keep:
+            expected = self._in_flight.popleft()
+            reply = self._reply()
+            if reply.offset != expected:
+                raise InvalidError(
+                    f"containerd is at offset {reply.offset} of {self.ref}, not at {expected}",
+                    rpc="Content.Write",
+                )
+
     def write(self, data: bytes) -> None:
-        """Appends `data` at the current offset (in messages of at most 1 MiB)."""
+        """Appends `data` at the current offset, in messages of at most 1 MiB of which up to
+        `WINDOW` are in flight (containerd answers them in order, each with its offset)."""
         for start in range(0, len(data), CHUNK):
             part = data[start : start + CHUNK]
-            reply = self._send(
+            self._requests.put(
                 pb.WriteContentRequest(action=pb.WRITE, ref=self.ref, offset=self.offset, data=part)
             )
-            self.offset = reply.offset
+            self.offset += len(part)
+            self._in_flight.append(self.offset)
+            self._drain(WINDOW)
 
     def truncate(self) -> None:
         """Drops everything written so far (containerd truncates on a write at offset 0)."""

@@ -195,8 +195,10 @@ def test_conversion_round_trips(managers: Managers, client: Client, source: Comp
 
 
 def test_zstd_remote_on_every_daemon(managers: Managers, client: Client) -> None:
-    """containerd before 1.7.29 and 2.0.1 cannot diff to zstd: the blob is made in gzip and
-    converted, so the remote is zstd all the same."""
+    """containerd before 1.7.29 and 2.0.1 cannot diff to zstd: there the diff service writes
+    the layer uncompressed and the cache compresses it, so the record's own blob is zstd on
+    every daemon, labelled with its checked diff id, and no other blob (neither a gzip one
+    nor the uncompressed intermediate) survives a collection."""
     cm = managers.open()
     work = cm.new()
     with work.mount(readonly=False) as root:
@@ -207,9 +209,14 @@ def test_zstd_remote_on_every_daemon(managers: Managers, client: Client) -> None
     assert desc.media_type == TAR_ZSTD
     blob = read_blob(client, desc.digest)
     assert kind_of(blob) is Compression.ZSTD
-    assert digest_of(decompress(blob)) == snap.info().diff_id
+    info = snap.info()
+    assert (info.blob, info.media_type) == (desc.digest, TAR_ZSTD)
+    assert digest_of(decompress(blob)) == info.diff_id
+    assert client.content.info(desc.digest).labels[UNCOMPRESSED] == info.diff_id
     with remote.provider.open(desc) as f:
         assert f.read() == blob
+    gc(client)
+    assert [i.digest for i in client.content.list()] == [desc.digest]
     snap.release()
 
 
