@@ -237,12 +237,13 @@ def bench_remote(address: str, work: pathlib.Path, cycles: int, rounds: int) -> 
     with open(blob_path, "wb") as out:
         for chunk in bare.content.read(gz.digest):
             out.write(chunk)
-    ours, shell = [], []
+    converted: list[float] = []
+    shell: list[float] = []
     for _ in range(rounds):
         other = cm.get_by_blob(gz)
         started = time.perf_counter()
         other.get_remote(compression=Compression.ZSTD, force_compression=True)
-        ours.append(time.perf_counter() - started)
+        converted.append(time.perf_counter() - started)
         other.release()
         started = time.perf_counter()
         subprocess.run(f"gzip -dc {blob_path} | zstd -q -3 -c > /dev/null", shell=True, check=True)
@@ -252,7 +253,7 @@ def bench_remote(address: str, work: pathlib.Path, cycles: int, rounds: int) -> 
             bare.content.delete(info.digest)
         bare.content.update_labels(gz.digest, {}, fields=["buildkit.io/compression/digest.zstd"])
     size_mb = _uncompressed_size(bare, gz.digest) / 1e6
-    o, s = statistics.median(ours), statistics.median(shell)
+    o, s = statistics.median(converted), statistics.median(shell)
     rows.append(
         Row(
             "gzip -> zstd conversion, 64 MiB layer",

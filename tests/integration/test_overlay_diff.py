@@ -1,3 +1,5 @@
+# Each change of CHANGES is one lambda whose steps, calls returning None, sit in a tuple.
+# mypy: disable-error-code="func-returns-value"
 """The layer written from an overlay upper directory against the diff service's layer: for
 each change of a matrix, both layers applied onto fresh snapshots of the same parent give
 the same tree; each condition the route cannot trust falls back to the diff service; zstd
@@ -72,7 +74,7 @@ def _mv(src: pathlib.Path, dst: pathlib.Path) -> None:
     subprocess.run(["mv", str(src), str(dst)], check=True)
 
 
-CHANGES: dict[str, Callable[[pathlib.Path], None]] = {
+CHANGES: dict[str, Callable[[pathlib.Path], object]] = {
     "added": lambda r: (
         write(r / "new.txt", b"new\n"),
         write(r / "d" / "new", b"new in d\n"),
@@ -185,7 +187,7 @@ def base(managers: Managers) -> Iterator[tuple[Manager, ImmutableRef]]:
 
 
 def changed(
-    cm: Manager, parent: ImmutableRef, change: Callable[[pathlib.Path], None]
+    cm: Manager, parent: ImmutableRef, change: Callable[[pathlib.Path], object]
 ) -> ImmutableRef:
     work = cm.new(parent)
     with work.mount(readonly=False) as root:
@@ -260,7 +262,7 @@ def test_what_the_route_cannot_trust_falls_back(
     client: Client,
     caplog: pytest.LogCaptureFixture,
     name: str,
-    tamper: Callable[[pathlib.Path], None],
+    tamper: Callable[[pathlib.Path], object],
     reason: str,
 ) -> None:
     """A redirect or metadata-only copy in the upper directory, or a directory that is not
