@@ -72,14 +72,16 @@ def test_a_new_record_is_live_and_its_row_not_deleted() -> None:
     assert (rec.state, rec.md.deleted, rec.is_dead()) == (LIVE, False, False)
 
 
-@pytest.mark.parametrize("state", [REMOVING, GONE])
-def test_a_record_is_dead_when_it_or_its_equal_twin_left_live(state: RecordState) -> None:
+@pytest.mark.parametrize(("leaving", "state"), list(itertools.product("mi", [REMOVING, GONE])))
+def test_a_record_is_dead_when_it_or_its_equal_twin_left_live(
+    leaving: str, state: RecordState
+) -> None:
     core = _Core()
     mutable, immutable = _record(core, "m"), _record(core, "i")
     mutable.equal_immutable = cast(refs.ImmutableRef, _Handle(immutable))
     immutable.equal_mutable = cast(refs.MutableRef, _Handle(mutable))
     assert (mutable.is_dead(), immutable.is_dead()) == (False, False)
-    mutable._transition(state)
+    core.records[leaving]._transition(state)
     assert (mutable.is_dead(), immutable.is_dead()) == (True, True)
 
 
