@@ -326,8 +326,9 @@ class Manager:
             dhs = mutable.parent.desc_handlers if mutable.parent else _NO_HANDLERS
             parent = mutable.parent_ref(False, dhs)
             rec = _Record(self._core, md, mutable=False, parent=parent, mu=mutable.mu)
-            rec.equal_mutable = MutableRef(mutable, False, dhs)
-            mutable.equal_immutable = ImmutableRef(rec, False, dhs)
+            with mutable.mu:
+                rec.equal_mutable = MutableRef(mutable, False, dhs)
+                mutable.equal_immutable = ImmutableRef(rec, False, dhs)
             self._core.records[record_id] = rec
             return rec
         parent = (
