@@ -115,8 +115,8 @@ class _Record:
 
     @property
     def state(self) -> RecordState:
-        """The record's state. Caller holds `self.mu`, or takes a reader's risk: without it,
-        a finalize may make the answer stale at once."""
+        """The record's state. Caller holds `self.mu`; without it the answer may be stale at
+        once (a finalize changes a state under that lock alone)."""
         return self._state
 
     def _transition(self, to: RecordState) -> None:

@@ -48,9 +48,8 @@ class _Core:
 def _record(core: _Core, record_id: str = "r", state: RecordState = LIVE) -> _Record:
     rec = _Record(cast(Core, core), RecordMeta(record_id), mutable=True, parent=None)
     core.records[record_id] = rec
-    path = {LIVE: [], REMOVING: [REMOVING], GONE: [GONE]}[state]
-    for to in path:
-        rec._transition(to)
+    if state is not LIVE:
+        rec._transition(state)
     return rec
 
 
