@@ -167,12 +167,19 @@ class RecordMeta:
         return dataclasses.replace(self, image_refs=list(self.image_refs))
 
 
+_IMAGE_REFS, _CACHE_POLICY, _RECORD_TYPE = (
+    _COLUMNS.index(name) for name in ("image_refs", "cache_policy", "record_type")
+)
+
+
 def _to_row(meta: RecordMeta) -> tuple[object, ...]:
-    values = dict(zip(_COLUMNS, dataclasses.astuple(meta), strict=True))
-    values["image_refs"] = json.dumps(meta.image_refs)
-    values["cache_policy"] = meta.cache_policy.value
-    values["record_type"] = meta.record_type.value
-    return tuple(values.values())
+    # Field by field: `dataclasses.astuple` deep-copies every value, several times slower,
+    # and every save comes through here.
+    row = [getattr(meta, column) for column in _COLUMNS]
+    row[_IMAGE_REFS] = json.dumps(meta.image_refs)
+    row[_CACHE_POLICY] = meta.cache_policy.value
+    row[_RECORD_TYPE] = meta.record_type.value
+    return tuple(row)
 
 
 def _from_row(row: sqlite3.Row) -> RecordMeta:
