@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import CacheError, InvalidError, LockedError, NoSpaceError, StoreDamagedError
+from .types import CachePolicy, RecordType
 
 DB_NAME: Final = "metadata.db"
 ID_NAME: Final = "manager-id"
@@ -135,7 +136,9 @@ SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 @dataclass
 class RecordMeta:
-    """One record's row. Times are nanoseconds since the epoch; None means unset."""
+    """One record's row. Times are nanoseconds since the epoch; None means unset. The enums
+    are stored as their values (`_to_row`, `_from_row`); a record type stored empty (as an
+    unset one was stored before) is REGULAR."""
 
     id: str
     committed: bool = False
@@ -143,13 +146,13 @@ class RecordMeta:
     equal_mutable: str = ""
     snapshot_id: str = ""
     size: int | None = None
-    cache_policy: int = 0
+    cache_policy: CachePolicy = CachePolicy.DEFAULT
     description: str = ""
     created_at: int | None = None
     last_used_at: int | None = None
     usage_count: int = 0
     layer_type: str = ""
-    record_type: str = ""
+    record_type: RecordType = RecordType.REGULAR
     diff_id: str = ""
     chain_id: str = ""
     blob_chain_id: str = ""
@@ -164,15 +167,27 @@ class RecordMeta:
         return dataclasses.replace(self, image_refs=list(self.image_refs))
 
 
+_IMAGE_REFS, _CACHE_POLICY, _RECORD_TYPE = (
+    _COLUMNS.index(name) for name in ("image_refs", "cache_policy", "record_type")
+)
+
+
 def _to_row(meta: RecordMeta) -> tuple[object, ...]:
-    values = dataclasses.astuple(meta)
-    index = _COLUMNS.index("image_refs")
-    return (*values[:index], json.dumps(meta.image_refs), *values[index + 1 :])
+    # Field by field: `dataclasses.astuple` deep-copies every value, several times slower,
+    # and every save comes through here.
+    row = [getattr(meta, column) for column in _COLUMNS]
+    row[_IMAGE_REFS] = json.dumps(meta.image_refs)
+    row[_CACHE_POLICY] = meta.cache_policy.value
+    row[_RECORD_TYPE] = meta.record_type.value
+    return tuple(row)
 
 
 def _from_row(row: sqlite3.Row) -> RecordMeta:
+    """The row as a `RecordMeta`; `ValueError` for a value no version writes."""
     values = dict(zip(_COLUMNS, row, strict=True))
     values["image_refs"] = json.loads(values["image_refs"])
+    values["cache_policy"] = CachePolicy(values["cache_policy"])
+    values["record_type"] = RecordType(values["record_type"] or RecordType.REGULAR)
     for flag in ("committed", "blob_only", "deleted"):
         values[flag] = bool(values[flag])
     return RecordMeta(**values)
@@ -540,12 +555,20 @@ class MetadataStore:
             raise InvalidError(f"the metadata store {self.path} is closed")
         return self._db
 
+    def _record(self, row: sqlite3.Row) -> RecordMeta:
+        """The row as a `RecordMeta`; `StoreDamagedError` for a value no version writes."""
+        try:
+            return _from_row(row)
+        except ValueError as err:
+            raise self._damaged(f"record {row[0]}: {err}") from None
+
     def all(self) -> list[RecordMeta]:
-        return [_from_row(r) for r in self._query(f"SELECT {', '.join(_COLUMNS)} FROM records")]
+        rows = self._query(f"SELECT {', '.join(_COLUMNS)} FROM records")
+        return [self._record(r) for r in rows]
 
     def get(self, record_id: str) -> RecordMeta | None:
         rows = self._query(f"SELECT {', '.join(_COLUMNS)} FROM records WHERE id = ?", (record_id,))
-        return _from_row(rows[0]) if rows else None
+        return self._record(rows[0]) if rows else None
 
     def search_chain(self, chain_id: str) -> list[str]:
         """Ids of live records with this chain id."""

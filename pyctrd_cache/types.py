@@ -76,7 +76,7 @@ class UsageInfo:
     mutable: bool
     in_use: bool
     size: int
-    parents: list[str]
+    parents: tuple[str, ...]
     created_at: datetime | None
     last_used_at: datetime | None
     usage_count: int

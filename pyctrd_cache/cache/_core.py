@@ -22,6 +22,7 @@ from .._singleflight import SingleFlight
 from ..client import Client
 from ..errors import AlreadyExistsError, InvalidError, NotFoundError
 from ..metadata import MetadataStore
+from .refs import RecordState
 
 if TYPE_CHECKING:
     from .refs import _Record
@@ -131,11 +132,11 @@ class Core:
     # The background remover.
 
     def remove_later(self, rec: _Record) -> None:
-        """Removes `rec` (already marked deleted) outside the caller's locks."""
+        """Removes `rec`, a REMOVING record, outside the caller's locks."""
 
         def remove() -> None:
             with self.mu, rec.mu:
-                if not rec.removed:
+                if rec.state is RecordState.REMOVING:
                     rec.remove()
 
         try:

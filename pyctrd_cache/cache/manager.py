@@ -313,7 +313,9 @@ class Manager:
     def _get_record(self, record_id: str) -> _Record:
         rec = self._core.records.get(record_id)
         if rec is not None:
-            if rec.is_dead():
+            with rec.mu:
+                dead = rec.is_dead()
+            if dead:
                 raise NotFoundError(f"record {record_id} was removed")
             return rec
         md = self._store.get(record_id)
@@ -324,8 +326,9 @@ class Manager:
             dhs = mutable.parent.desc_handlers if mutable.parent else _NO_HANDLERS
             parent = mutable.parent_ref(False, dhs)
             rec = _Record(self._core, md, mutable=False, parent=parent, mu=mutable.mu)
-            rec.equal_mutable = MutableRef(mutable, False, dhs)
-            mutable.equal_immutable = ImmutableRef(rec, False, dhs)
+            with mutable.mu:
+                rec.equal_mutable = MutableRef(mutable, False, dhs)
+                mutable.equal_immutable = ImmutableRef(rec, False, dhs)
             self._core.records[record_id] = rec
             return rec
         parent = (
@@ -396,9 +399,9 @@ class Manager:
                 record_id,
                 parent=parent_ref.id if parent_ref else "",
                 snapshot_id=record_id,
-                cache_policy=CachePolicy(cache_policy).value,
+                cache_policy=CachePolicy(cache_policy),
                 description=description or "",
-                record_type=RecordType(record_type).value if record_type else "",
+                record_type=RecordType(record_type or RecordType.REGULAR),
                 created_at=int(created_at.timestamp() * 1e9) if created_at else now_ns(),
             )
             # The row comes first: `open` drops a row whose lease or snapshot never came.
@@ -414,7 +417,8 @@ class Manager:
                     self._core.check_open()
                     rec = _Record(self._core, md, mutable=True, parent=parent_ref)
                     self._core.records[record_id] = rec
-                    return rec.mref(True, dhs)
+                    with rec.mu:
+                        return rec.mref(True, dhs)
             except BaseException:
                 self._drop_unborn(record_id)
                 raise
@@ -570,7 +574,7 @@ class Manager:
             committed=True,
             parent=parent_ref.id if parent_ref else "",
             snapshot_id=snapshot_id,
-            cache_policy=CachePolicy(cache_policy).value,
+            cache_policy=CachePolicy(cache_policy),
             description=description or "",
             created_at=now_ns(),
             diff_id=diff_id,
@@ -597,7 +601,8 @@ class Manager:
             raise
         rec = _Record(self._core, md, mutable=False, parent=parent_ref)
         self._core.records[record_id] = rec
-        return rec.ref(True, dhs)
+        with rec.mu:
+            return rec.ref(True, dhs)
 
     def _snapshot_to_share(self, chain: str, dhs: DescHandlers) -> tuple[str, bool]:
         """The snapshot a new record of chain id `chain` shares, and whether it is still to
@@ -774,9 +779,12 @@ class Manager:
         with self._core.mu:
             for rec in list(self._core.records.values()):
                 with rec.mu:
-                    if rec.is_dead() and rec.parent is not None and not rec.removed:
-                        leaving.append(rec.parent.id)
-                    if _shares_data_with_listed_twin(rec) or rec.is_dead():
+                    if rec.is_dead():
+                        # Still in the manager, so still holding its parent handle.
+                        if rec.parent is not None:
+                            leaving.append(rec.parent.id)
+                        continue
+                    if _shares_data_with_listed_twin(rec):
                         continue
                     entries[rec.id] = _UsageEntry(
                         rec,
@@ -800,7 +808,7 @@ class Manager:
             mutable=info.mutable,
             in_use=refs > 0,
             size=size,
-            parents=[info.parent_id] if info.parent_id else [],
+            parents=(info.parent_id,) if info.parent_id else (),
             created_at=info.created_at,
             last_used_at=info.last_used_at,
             usage_count=info.usage_count,
@@ -978,7 +986,6 @@ class Manager:
             gone.add(rec, twin, info.size)
             if dry_run:
                 return info
-            rec.dead = True
             if twin is not None:
                 twin.detach()
             rec.detach()
@@ -997,7 +1004,9 @@ class Manager:
 
     def _snapshot_holders(self, rec: _Record, gone: _Gone) -> set[str]:
         """The live records that hold `rec`'s snapshot. Records share a snapshot only
-        with records of the same chain id. The manager lock is held."""
+        with records of the same chain id. The caller holds the manager lock and `rec.mu`;
+        the others are read without their locks (one may share `rec`'s), so a finalize
+        running meanwhile may make the answer stale."""
         holders = set()
         for record_id in self._store.search_chain(rec.md.chain_id):
             other = self._core.records.get(record_id)

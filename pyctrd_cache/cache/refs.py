@@ -1,24 +1,31 @@
 """Cache records and the counted handles on them (BuildKit's cache/refs.go).
 
-Locking rules, as in BuildKit: the manager lock is taken before any record lock; a record
-lock is shared by records that share data (a mutable record and its equal immutable);
-methods whose names start with `_` expect the caller to hold the record lock unless they
-say otherwise. A child's record lock may be held while its parent's is taken, never the
-other way round.
+Locking rules, as in BuildKit: the manager lock (`Core.mu`) is taken before any record lock;
+a record lock (`_Record.mu`) is shared by records that share data (a mutable record and its
+equal immutable); a child's record lock may be held while its parent's is taken, never the
+other way round. Every method of `_Record` says in its docstring what its caller holds:
+"Caller holds `self.mu`", "Caller holds the manager lock and `self.mu`", "Takes `self.mu`
+itself" (the caller must not hold it), or "Needs no lock"; tests/unit/test_record_state.py
+checks that each says one. Handles take the locks they need themselves, except
+`ImmutableRef._release_locked`, whose caller holds the manager lock.
+
+A record's life is its `RecordState`; `_Record._transition` makes every change of it,
+checked against `_TRANSITIONS`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import pathlib
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 from .. import _validate
 from .._faults import crash_point
@@ -47,6 +54,33 @@ def _datetime(ns: int | None) -> datetime | None:
     return None if ns is None else datetime.fromtimestamp(ns / 1e9, tz=UTC)
 
 
+class RecordState(enum.Enum):
+    """Where a record is in its life; every state but LIVE is BuildKit's `dead`."""
+
+    LIVE = "live"
+    """In the manager's records, usable."""
+    REMOVING = "removing"
+    """Its row is marked deleted and nothing may use it, but it is still in the manager's
+    records and holds its handle on its parent: a mutable record whose snapshot a finalize
+    committed for its equal immutable, until the background remover removes it."""
+    GONE = "gone"
+    """Out of the manager's records, its parent handle released, its row marked deleted and
+    never written again; `purge` deletes its lease and then its row."""
+
+
+_TRANSITIONS: Final[Mapping[RecordState, frozenset[RecordState]]] = MappingProxyType(
+    {
+        # A finalize leaves the mutable REMOVING; a removal (a DEFAULT mutable released, an
+        # unfinalized immutable given up by `get_mutable`, a prune) makes a record GONE.
+        RecordState.LIVE: frozenset({RecordState.REMOVING, RecordState.GONE}),
+        # The background remover.
+        RecordState.REMOVING: frozenset({RecordState.GONE}),
+        RecordState.GONE: frozenset(),
+    }
+)
+"""The state changes a record may make; each marks its row deleted."""
+
+
 class _Record:
     """One cache record: metadata, open handles, parent handle and containerd bookkeeping."""
 
@@ -65,8 +99,7 @@ class _Record:
         self.parent = parent
         self.mu = mu or threading.Lock()
         self.refs: set[Ref] = set()
-        self.dead = False
-        self.removed = False
+        self._state = RecordState.LIVE
         self.view = ""
         self.view_mounts: list[Mount] | None = None
         self.equal_mutable: MutableRef | None = None
@@ -77,33 +110,57 @@ class _Record:
 
     @property
     def id(self) -> str:
+        """The record's id. Needs no lock."""
         return self.md.id
 
+    @property
+    def state(self) -> RecordState:
+        """The record's state. Caller holds `self.mu`; without it the answer may be stale at
+        once (a finalize changes a state under that lock alone)."""
+        return self._state
+
+    def _transition(self, to: RecordState) -> None:
+        """Moves the record to `to`, which `_TRANSITIONS` must allow (else `CacheError`), and
+        marks its in-memory row deleted; the caller writes the row. Caller holds `self.mu`,
+        and the manager lock for GONE (the record leaves the manager's records)."""
+        if to not in _TRANSITIONS[self._state]:
+            raise CacheError(
+                f"record {self.id} cannot go from {self._state.value} to {to.value} "
+                "(a bug in pyctrd-cache)"
+            )
+        self._state = to
+        self.md.deleted = True
+
     def ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef:
+        """A new immutable handle. Caller holds `self.mu`."""
         ref = ImmutableRef(self, trigger_last_used, dhs)
         self.refs.add(ref)
         return ref
 
     def mref(self, trigger_last_used: bool, dhs: DescHandlers) -> MutableRef:
-        """A writable handle: the size measured before no longer holds."""
+        """A writable handle: the size measured before no longer holds. Caller holds
+        `self.mu`."""
         ref = MutableRef(self, trigger_last_used, dhs)
         self.refs.add(ref)
         self.invalidate_size()
         return ref
 
     def invalidate_size(self) -> None:
-        """Drops the measured size: the snapshot's content or the record's blobs changed."""
+        """Drops the measured size: the snapshot's content or the record's blobs changed.
+        Caller holds `self.mu`."""
         self.size_epoch += 1
         if self.md.size is not None:
             self.md.size = None
             self.save()
 
     def writable(self) -> bool:
-        """Whether a writable handle is open, so that the snapshot may change at any time."""
+        """Whether a writable handle is open, so that the snapshot may change at any time.
+        Caller holds `self.mu`."""
         return self.mutable and bool(self.refs)
 
     def parent_ref(self, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef | None:
-        """A new handle on the parent (takes the parent's lock)."""
+        """A new handle on the parent. Needs no lock (the parent never changes); takes the
+        parent's lock itself."""
         if self.parent is None:
             return None
         prec = self.parent._rec
@@ -111,14 +168,23 @@ class _Record:
             return prec.ref(trigger_last_used, dhs)
 
     def is_dead(self) -> bool:
+        """Whether this record or its equal twin left LIVE (BuildKit's `isDead`): nothing may
+        use it any more. Caller holds `self.mu` (which the twin shares)."""
         return (
-            self.dead
-            or (self.equal_immutable is not None and self.equal_immutable._rec.dead)
-            or (self.equal_mutable is not None and self.equal_mutable._rec.dead)
+            self._state is not RecordState.LIVE
+            or (
+                self.equal_immutable is not None
+                and self.equal_immutable._rec._state is not RecordState.LIVE
+            )
+            or (
+                self.equal_mutable is not None
+                and self.equal_mutable._rec._state is not RecordState.LIVE
+            )
         )
 
     def parent_chain(self) -> list[str]:
-        """The blob digests of the chain, parent first; empty while this record has no blob."""
+        """The blob digests of the chain, parent first; empty while this record has no blob.
+        Caller holds `self.mu`; the parents' blobs, set once, are read without their locks."""
         if self._parent_chain is None:
             if not self.md.blob:
                 return []
@@ -131,7 +197,8 @@ class _Record:
     # need). A record that shares another's extracted snapshot can lack only its blob.
 
     def blob_missing(self) -> bool:
-        """Whether the record has a blob that is not in the content store."""
+        """Whether the record has a blob that is not in the content store. Needs no lock (the
+        blob, once set, never changes)."""
         if not self.md.blob:
             return False
         try:
@@ -141,7 +208,8 @@ class _Record:
         return False
 
     def is_lazy(self) -> bool:
-        """Either half: the blob is absent, or the snapshot is a remote one."""
+        """Either half: the blob is absent, or the snapshot is a remote one. Needs no lock (a
+        lazy record's snapshot id never changes, and it stops being blob only once)."""
         if self.blob_missing():
             return True
         return (
@@ -151,26 +219,33 @@ class _Record:
         )
 
     def snapshot_lazy(self) -> bool:
-        """The snapshot half: the snapshot is not made, and making it needs the blob."""
+        """The snapshot half: the snapshot is not made, and making it needs the blob. Needs no
+        lock, as `is_lazy`."""
         return self.md.blob_only and self.is_lazy()
 
     def save(self) -> None:
-        """Persists the in-memory row (no-op once the record is removed); when the write
-        fails, the row is read back so that memory and store still agree."""
-        if not self.removed:
-            try:
-                self.core.store.update(self.md)
-            except CacheError:
-                with contextlib.suppress(CacheError):
-                    self.core.store.reload(self.md)
-                raise
+        """Persists the in-memory row, unless the record is GONE. Caller holds `self.mu`."""
+        if self._state is not RecordState.GONE:
+            self._write()
+
+    def _write(self) -> None:
+        """Writes the in-memory row; when the write fails, the row is read back so that
+        memory and store still agree. Caller holds `self.mu`."""
+        try:
+            self.core.store.update(self.md)
+        except CacheError:
+            with contextlib.suppress(CacheError):
+                self.core.store.reload(self.md)
+            raise
 
     def update_last_used(self) -> None:
+        """Counts a use, stored at once. Caller holds `self.mu`."""
         self.md.usage_count += 1
         self.md.last_used_at = now_ns()
         self.save()
 
     def info(self) -> RefInfo:
+        """The record's metadata as the public API shows it. Caller holds `self.mu`."""
         md = self.md
         return RefInfo(
             id=md.id,
@@ -190,15 +265,17 @@ class _Record:
             created_at=_datetime(md.created_at),
             last_used_at=_datetime(md.last_used_at),
             usage_count=md.usage_count,
-            record_type=RecordType(md.record_type or RecordType.REGULAR),
+            record_type=md.record_type,
             layer_type=md.layer_type,
-            cache_policy=CachePolicy(md.cache_policy),
+            cache_policy=md.cache_policy,
             image_refs=tuple(md.image_refs),
         )
 
-    # Life cycle. The manager lock is held for all of these.
+    # Life cycle.
 
     def release_immutable(self, ref: ImmutableRef) -> None:
+        """Gives up an immutable handle; with the last one, the view and the equal mutable's
+        handle go. Caller holds the manager lock and `self.mu`."""
         self.refs.discard(ref)
         if ref.trigger_last_used and not any(r.trigger_last_used for r in self.refs):
             self.update_last_used()
@@ -214,13 +291,16 @@ class _Record:
             self.equal_mutable._rec.release_mutable(self.equal_mutable)
 
     def release_mutable(self, ref: MutableRef) -> None:
+        """Gives up a mutable handle; a record that is not RETAIN goes with it, and so does
+        its unfinalized equal immutable unless that one is RETAIN. Caller holds the manager
+        lock and `self.mu`."""
         self.refs.discard(ref)
         # Whatever the handle wrote (through mounts or apply) is measured afresh.
         self.invalidate_size()
-        if self.md.cache_policy != CachePolicy.RETAIN.value:
+        if self.md.cache_policy is not CachePolicy.RETAIN:
             twin = self.equal_immutable
             if twin is not None:
-                if twin._rec.md.cache_policy == CachePolicy.RETAIN.value:
+                if twin._rec.md.cache_policy is CachePolicy.RETAIN:
                     self._trigger_last_used(ref)
                     return
                 twin._rec.remove()
@@ -229,6 +309,7 @@ class _Record:
         self._trigger_last_used(ref)
 
     def _trigger_last_used(self, ref: MutableRef) -> None:
+        """Counts the use `ref` was taken for, once. Caller holds `self.mu`."""
         if ref.trigger_last_used:
             self.update_last_used()
             ref.trigger_last_used = False
@@ -236,25 +317,27 @@ class _Record:
     def remove(self) -> None:
         """Drops the record: releases its parent, deletes its lease, clears its row. The row
         is marked deleted before the lease goes, so that a crash in between is finished by
-        `Manager.open`."""
+        `Manager.open`. Caller holds the manager lock and `self.mu`."""
         self.detach()
         self.purge()
 
     def detach(self) -> None:
-        """The part of `remove` that needs the manager lock: the record leaves the manager,
-        releases its parent and is marked deleted in its row."""
+        """The part of `remove` that needs the locks: the record goes GONE (first, so that
+        it is dead even when what follows fails), leaves the manager, releases its parent
+        and has its row marked deleted (a REMOVING record's is already). Caller holds the
+        manager lock and `self.mu`."""
+        marked = self._state is RecordState.REMOVING
+        self._transition(RecordState.GONE)
         self.core.records.pop(self.id, None)
         if self.parent is not None:
             prec = self.parent._rec
             with prec.mu:
                 prec.release_immutable(self.parent)
-        if not self.md.deleted:
-            self.md.deleted = True
-            self.save()
-        self.removed = True
+        if not marked:
+            self._write()
 
     def purge(self) -> None:
-        """The rest of `remove`, which needs no lock: the lease, then the row.
+        """The rest of `remove`, for a GONE record: the lease, then the row. Needs no lock.
 
         An unfinalized immutable record holds no snapshot of its own (its data is its equal
         mutable's, under that record's lease), but a finalize that failed while containerd
@@ -268,9 +351,10 @@ class _Record:
         self.core.store.delete(self.id)
 
     def finalize(self) -> None:
-        """Commits the equal mutable's snapshot for good under this record's own lease.
+        """Commits the equal mutable's snapshot for good under this record's own lease; the
+        mutable goes REMOVING. Caller holds `self.mu`.
 
-        The committed snapshot exists under the new lease before the mutable is marked
+        The committed snapshot exists under the new lease before the mutable's row is marked
         deleted (in the same transaction that clears the link), and the mutable's removal
         runs afterwards outside the record lock.
         """
@@ -287,8 +371,7 @@ class _Record:
                 self.core.client.leases.delete(self.id)
             raise
         crash_point("finalize.after_snapshot_commit")
-        mrec.dead = True
-        mrec.md.deleted = True
+        mrec._transition(RecordState.REMOVING)
         self.equal_mutable = None
         self.md.equal_mutable = ""
         self.md.snapshot_id = self.id
@@ -298,7 +381,7 @@ class _Record:
 
     def commit(self, ref: MutableRef) -> ImmutableRef:
         """The lazy commit of this mutable record: a new immutable record whose data is the
-        mutable's snapshot. The manager lock and this record's lock are held."""
+        mutable's snapshot. Caller holds the manager lock and `self.mu`."""
         if not self.mutable or ref not in self.refs:
             raise InvalidError(f"invalid mutable ref {ref.id}")
         md = RecordMeta(
@@ -323,6 +406,8 @@ class _Record:
         return immutable
 
     def mounts(self, readonly: bool) -> list[Mount]:
+        """The containerd mounts; an immutable record is finalized first unless a read-only
+        mount of its equal mutable will do. Caller holds `self.mu`."""
         sn = self.core.client.snapshots(self.core.snapshotter)
         if self.mutable:
             mounts = sn.mounts(self.md.snapshot_id)
@@ -350,7 +435,7 @@ class _Record:
         A record with a writable handle open is measured but not cached (its snapshot may
         change at any time), and neither is a measurement that raced with a change of the
         record (a write, an extraction, a finalize moving the snapshot) or that found the
-        snapshot missing. Takes the record lock itself; call it without holding it.
+        snapshot missing. Takes `self.mu` itself.
         """
         while True:
             with self.mu:
@@ -377,17 +462,19 @@ class _Record:
                 return size
 
     def measure(self) -> int:
-        """`compute_size`, one computation for concurrent callers."""
+        """`compute_size`, one computation for concurrent callers. Takes `self.mu` itself."""
         return self.core.flight.do(f"size-{self.id}", self.compute_size)
 
     def _size_state(self) -> tuple[int, str, bool, str]:
-        """What a measured size depends on: the epoch, the snapshot measured, the blob."""
+        """What a measured size depends on: the epoch, the snapshot measured, the blob.
+        Caller holds `self.mu`."""
         driver = self.md.snapshot_id
         if self.equal_mutable is not None:
             driver = self.equal_mutable._rec.md.snapshot_id
         return (self.size_epoch, driver, self.md.blob_only, self.md.blob)
 
     def _blob_sizes(self, blob: str) -> int:
+        """The sizes of `blob` and of its compression variants. Needs no lock."""
         content = self.core.client.content
         try:
             info = content.info(blob)
@@ -499,7 +586,7 @@ class Ref:
     @property
     def record_type(self) -> RecordType:
         """What the record holds (BuildKit's record type)."""
-        return RecordType(self._rec.md.record_type or RecordType.REGULAR)
+        return self._rec.md.record_type
 
     @property
     def layer_type(self) -> str:
@@ -509,7 +596,7 @@ class Ref:
     @property
     def cache_policy(self) -> CachePolicy:
         """DEFAULT (pruned when unused) or RETAIN."""
-        return CachePolicy(self._rec.md.cache_policy)
+        return self._rec.md.cache_policy
 
     def _set(self, **values: object) -> None:
         self._check()
@@ -525,7 +612,7 @@ class Ref:
 
     def set_record_type(self, record_type: RecordType) -> None:
         """Sets the record type, stored at once."""
-        self._set(record_type=RecordType(record_type).value)
+        self._set(record_type=RecordType(record_type))
 
     def set_layer_type(self, layer_type: str) -> None:
         """Sets the layer type label, stored at once."""
@@ -533,7 +620,7 @@ class Ref:
 
     def set_cache_policy(self, policy: CachePolicy) -> None:
         """Sets the cache policy, stored at once (it survives a reopen)."""
-        self._set(cache_policy=CachePolicy(policy).value)
+        self._set(cache_policy=CachePolicy(policy))
 
     def set_created_at(self, created_at: datetime) -> None:
         """Sets the creation time; `InvalidError` for a naive datetime."""

@@ -20,6 +20,7 @@ from pyctrd_cache import (
     PrunePolicy,
     UsageInfo,
 )
+from pyctrd_cache.cache.refs import _Record
 from pyctrd_cache.client import Client
 from tests.checks import blob_count, snapshot_names
 from tests.cli_runs import Cli, one_line_error
@@ -263,6 +264,35 @@ def test_a_parent_handle_and_a_linked_record_count_as_uses(managers: Managers) -
     # The second links the first's extracted snapshot: a use of the first, as in BuildKit.
     cm.get_by_blob(descs[1], desc_handlers=dhs).release()
     assert cm.info(first.id).usage_count == count + 1
+
+
+def test_a_finalized_mutable_awaiting_removal_keeps_no_parent_in_use(
+    managers: Managers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finalize leaves the mutable REMOVING, still holding its parent handle until the
+    background remover takes it; that handle is no use of the parent (issue 18)."""
+    cm = managers.open()
+    base = cm.new().commit()
+    base.finalize()
+    work = cm.new(base)
+    snap = work.commit()
+    base.release()
+    # The removal is held back, so that the REMOVING state lasts.
+    pending: list[_Record] = []
+    remove_later = cm._core.remove_later
+    monkeypatch.setattr(cm._core, "remove_later", pending.append)
+    snap.finalize()
+    snap.release()
+    assert [r.id for r in pending] == [work.id]
+    usage = {u.id: u for u in cm.disk_usage()}
+    assert work.id not in usage
+    assert not usage[base.id].in_use
+
+    remove_later(pending.pop())
+    cm._wait_background()
+    usage = {u.id: u for u in cm.disk_usage()}
+    assert (sorted(usage), usage[base.id].in_use) == (sorted([base.id, snap.id]), False)
+    cm.close()
 
 
 def test_cli_prune_dry_run(daemon: Daemon, namespace: str, managers: Managers) -> None:

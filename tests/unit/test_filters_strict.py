@@ -17,7 +17,7 @@ def usage(**fields: object) -> UsageInfo:
         "mutable": False,
         "in_use": False,
         "size": 0,
-        "parents": [],
+        "parents": (),
         "created_at": datetime.now(UTC),
         "last_used_at": None,
         "usage_count": 0,
@@ -62,7 +62,7 @@ class _Absent:
 
 
 def test_parent_is_parents() -> None:
-    child = usage(parents=["p1"])
+    child = usage(parents=("p1",))
     for text in ("parent==p1", "parents==p1"):
         assert compile_filters([text]).match(child)
         assert not compile_filters([text]).match(usage())

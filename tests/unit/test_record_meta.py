@@ -1,0 +1,77 @@
+"""`RecordMeta` holds the enums themselves; the store converts them at the SQLite boundary
+only (issue 18)."""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+
+import pytest
+
+from pyctrd_cache import CachePolicy, RecordType, StoreDamagedError
+from pyctrd_cache.metadata import DB_NAME, MetadataStore, RecordMeta
+
+
+def _stored(state: pathlib.Path, record_id: str) -> tuple[object, object]:
+    with sqlite3.connect(state / DB_NAME) as db:
+        row = db.execute(
+            "SELECT cache_policy, record_type FROM records WHERE id = ?", (record_id,)
+        ).fetchone()
+    db.close()
+    return row[0], row[1]
+
+
+def _set(state: pathlib.Path, record_id: str, column: str, value: object) -> None:
+    with sqlite3.connect(state / DB_NAME) as db:
+        db.execute(f"UPDATE records SET {column} = ? WHERE id = ?", (value, record_id))
+    db.close()
+
+
+def test_the_enums_round_trip_as_their_values(tmp_path: pathlib.Path) -> None:
+    store = MetadataStore(tmp_path)
+    md = RecordMeta("a", cache_policy=CachePolicy.RETAIN, record_type=RecordType.CACHE_MOUNT)
+    store.insert(md)
+    store.insert(RecordMeta("b"))
+    got = store.get("a")
+    assert got is not None
+    assert got.cache_policy is CachePolicy.RETAIN
+    assert got.record_type is RecordType.CACHE_MOUNT
+    default = store.get("b")
+    assert default is not None
+    assert (default.cache_policy, default.record_type) == (
+        CachePolicy.DEFAULT,
+        RecordType.REGULAR,
+    )
+    store.close()
+    assert _stored(tmp_path, "a") == (1, "exec.cachemount")
+    assert _stored(tmp_path, "b") == (0, "regular")
+
+
+def test_an_empty_record_type_of_an_older_store_is_regular(tmp_path: pathlib.Path) -> None:
+    store = MetadataStore(tmp_path)
+    store.insert(RecordMeta("old"))
+    store.close()
+    _set(tmp_path, "old", "record_type", "")
+    store = MetadataStore(tmp_path)
+    got = store.get("old")
+    store.close()
+    assert got is not None
+    assert got.record_type is RecordType.REGULAR
+
+
+@pytest.mark.parametrize(("column", "value"), [("cache_policy", 7), ("record_type", "bogus")])
+def test_a_value_no_version_writes_is_a_damaged_store(
+    tmp_path: pathlib.Path, column: str, value: object
+) -> None:
+    store = MetadataStore(tmp_path)
+    store.insert(RecordMeta("x"))
+    store.close()
+    _set(tmp_path, "x", column, value)
+    store = MetadataStore(tmp_path)
+    try:
+        with pytest.raises(StoreDamagedError, match=r"record x: .* is not a valid"):
+            store.all()
+        with pytest.raises(StoreDamagedError, match="record x"):
+            store.get("x")
+    finally:
+        store.close()
