@@ -143,7 +143,7 @@ def test_the_state_changes_only_in_transition() -> None:
 
 
 def _methods() -> list[tuple[str, object]]:
-    found = []
+    found: list[tuple[str, object]] = []
     for name, member in vars(_Record).items():
         if name.startswith("__"):
             continue
