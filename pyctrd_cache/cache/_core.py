@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 OWNER_LABEL: Final = "pyctrd-cache/manager"
 """On every lease a manager creates; the value is the id of the manager's metadata store."""
 KIND_LABEL: Final = "pyctrd-cache/kind"
+SESSION_LABEL: Final = "pyctrd-cache/session"
+"""The id of the `Manager.open` that created the lease (one per opening)."""
 
 _log = logging.getLogger("pyctrd_cache")
 
@@ -55,6 +57,9 @@ class Core:
         self.mu = threading.Lock()
         self.records: dict[str, _Record] = {}
         self.flight = SingleFlight()
+        self.session = new_id()
+        # The leases of this state that `open` found: the ones it reconciled.
+        self.seen_at_open: frozenset[str] = frozenset()
         # The background remover (eight threads: with one, finalize cycles are slower).
         self._remover = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pyctrd-cache")
         self._background: set[Future[None]] = set()
@@ -104,7 +109,7 @@ class Core:
     # Leases.
 
     def lease_labels(self, kind: str) -> dict[str, str]:
-        return {OWNER_LABEL: self.store.manager_id, KIND_LABEL: kind}
+        return {OWNER_LABEL: self.store.manager_id, KIND_LABEL: kind, SESSION_LABEL: self.session}
 
     def create_lease(
         self,

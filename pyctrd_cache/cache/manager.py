@@ -47,7 +47,7 @@ from ..shared import ImageStoreChecker, SharedChecker, SharedCheckerFactory
 from ..types import CachePolicy, PrunePolicy, RecordStatus, RecordType, RefInfo, UsageInfo
 from ..usage_filters import UsageFilter, compile_filters
 from . import _reconcile, _usage, blobs, remote_snapshots
-from ._core import KIND_LABEL, OWNER_LABEL, Core, new_id
+from ._core import KIND_LABEL, OWNER_LABEL, SESSION_LABEL, Core, new_id
 from ._usage import keep_bytes_for
 from .refs import ImmutableRef, MutableRef, _Record, now_ns
 
@@ -266,6 +266,7 @@ class Manager:
         applies the plan in its order.
         """
         owned = self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
+        self._core.seen_at_open = frozenset(lease.id for lease in owned)
         todo = _reconcile.plan(
             self._store.all(),
             {lease.id: lease.labels.get(KIND_LABEL) == "record" for lease in owned},
@@ -854,7 +855,22 @@ class Manager:
         return removed
 
     def _collect_garbage(self) -> None:
-        """Runs containerd's garbage collector and waits for it."""
+        """Deletes the leases that arrived too late for `open`, then runs containerd's
+        garbage collector and waits for it.
+
+        A call of a killed process can reach containerd after the next `open` listed the
+        leases, and a lease it creates escapes that reconcile: a lease of this state made by
+        another opening that `open` did not see is such a latecomer (one opening at a time
+        holds the state), and nothing accounts for it.
+        """
+        owned = self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
+        for lease in owned:
+            if (
+                lease.labels.get(SESSION_LABEL) != self._core.session
+                and lease.id not in self._core.seen_at_open
+            ):
+                log.info("deleting lease %s, made by an earlier opening after it ended", lease.id)
+                self._core.drop_lease(lease.id)
         log.debug("asking containerd to collect garbage")
         gc_lease = f"gc-{new_id()}"
         self._client.leases.create(gc_lease, labels=self._core.lease_labels("gc"))

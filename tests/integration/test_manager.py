@@ -15,6 +15,7 @@ from pyctrd_cache import (
     InvalidError,
     LockedError,
     NotFoundError,
+    PrunePolicy,
     RecordType,
     UnavailableError,
 )
@@ -419,6 +420,24 @@ def test_open_drops_leases_and_rows_without_their_counterpart(
     with pytest.raises(NotFoundError):
         cm.get_mutable(kept.id)
     assert cm.disk_usage() == []
+
+
+@pytest.mark.parametrize("kind", ["view", "record"])
+def test_a_lease_created_after_open_by_an_earlier_opening_goes_at_the_next_prune(
+    managers: Managers, client: Client, kind: str
+) -> None:
+    # A killed process's call that reaches containerd only after the next open listed the
+    # leases: the lease carries the dead opening's session.
+    cm = managers.open()
+    kept = cm.new(cache_policy=CachePolicy.RETAIN)
+    kept.release()
+    labels = {OWNER_LABEL: cm.manager_id, "pyctrd-cache/kind": kind}
+    client.leases.create("late", labels={**labels, "pyctrd-cache/session": "dead"})
+    with cm.lease() as own:
+        cm.prune(PrunePolicy(filters=("id==nothing",)))
+        assert owned_leases(client, cm) == sorted([kept.id, own])
+    cm.close()
+    managers.open().close()  # a record lease without a row would be StoreDamagedError here
 
 
 def test_managers_with_separate_state_share_a_namespace(
