@@ -92,7 +92,8 @@ def _layer_desc(
     if use_variant:
         ensure_compression(rec, dhs, leased, compression)
         desc = oci_desc(rec, dhs)  # a conversion pulls a lazy blob
-    if rec.is_lazy():
+    # Only a record pulled from an image has sources to name (no Info call for the others).
+    if rec.md.image_refs and rec.is_lazy():
         desc = _with_distribution_sources(desc, rec.md.image_refs)
     if not (use_variant and needs_conversion(desc.media_type, desc.annotations, compression)):
         return desc
