@@ -524,7 +524,14 @@ def bench_remote_buildkit(address: str, work: pathlib.Path, cycles: int, rounds:
         floor_times, ours_times, go_times = [], [], []
         for r in range(rounds):
             if _buildkit_binary is not None:
-                go_times.append(_buildkit(address, work, f"remote-{compression.value}"))
+                # BuildKit's chain of the same shape: the same generator, another seed.
+                data = work / "bk-layers"
+                data.mkdir()
+                for i in range(10):
+                    (data / f"layer-{i}").write_bytes(_layer_data(200000 + r * 100 + i, 16 << 20))
+                op = f"remote-{compression.value}"
+                go_times.append(_buildkit(address, work, op, "-data", str(data)))
+                shutil.rmtree(data)
             refs = _chain(cm, 10, 16 << 20, seed=1000 + r)
             started = time.perf_counter()
             _diff_directly(bare, cm.snapshotter, refs, media_type_for(compression))

@@ -3,11 +3,12 @@
 // a BuildKit source tree of that commit, with its vendor directory (see README.md); nothing
 // here is BuildKit's code.
 //
-// Usage: bkbench -address SOCKET -root DIR -op OP [-blobs FILE]
+// Usage: bkbench -address SOCKET -root DIR -op OP [-data DIR] [-blobs FILE]
 //
 // Ops, each timed once, in a namespace of its own that is pruned afterwards:
 //
-//	remote-uncompressed, remote-gzip: GetRemote of a fresh ten-layer chain of 16 MiB layers
+//	remote-uncompressed, remote-gzip: GetRemote of a fresh chain whose layers each add one
+//	       file, the files -data names (layer-0, layer-1, ... in a directory)
 //	blobs: GetByBlob of the layers listed in -blobs (a JSON list of {descriptor, path}) and
 //	       Extract of the last
 //	du: DiskUsage of 1,000 fresh records whose sizes are unknown
@@ -17,14 +18,12 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io/ioutil"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/containerd/containerd"
@@ -45,19 +44,16 @@ import (
 	ocispecs "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
-const (
-	layers    = 10
-	layerSize = 16 << 20
-	records   = 1000
-)
+const records = 1000
 
 func main() {
 	address := flag.String("address", "", "containerd socket")
 	root := flag.String("root", "", "state directory (created)")
 	op := flag.String("op", "", "remote-uncompressed, remote-gzip, blobs or du")
 	blobsFile := flag.String("blobs", "", "for -op blobs: JSON list of {descriptor, path}")
+	data := flag.String("data", "", "for -op remote-*: the directory of the layers' files")
 	flag.Parse()
-	if err := run(*address, *root, *op, *blobsFile); err != nil {
+	if err := run(*address, *root, *op, *blobsFile, *data); err != nil {
 		fmt.Fprintln(os.Stderr, "bkbench:", err)
 		os.Exit(1)
 	}
@@ -99,7 +95,7 @@ func newManager(ctx context.Context, address, root, ns string) (cache.Manager, *
 	return cm, c, err
 }
 
-func run(address, root, op, blobsFile string) error {
+func run(address, root, op, blobsFile, data string) error {
 	ns := fmt.Sprintf("bench-bk-%d", time.Now().UnixNano())
 	ctx := namespaces.WithNamespace(context.Background(), ns)
 	cm, c, err := newManager(ctx, address, root, ns)
@@ -115,7 +111,7 @@ func run(address, root, op, blobsFile string) error {
 		if op == "remote-gzip" {
 			comp = compression.Gzip
 		}
-		held, err = chain(ctx, cm)
+		held, err = chain(ctx, cm, data)
 		if err != nil {
 			return err
 		}
@@ -162,29 +158,19 @@ func run(address, root, op, blobsFile string) error {
 	return cleanNamespace(ctx, c)
 }
 
-// layerData is half random, half text, as bench/run.py's layers are.
-func layerData(size int) ([]byte, error) {
-	data := make([]byte, size/2, size)
-	if _, err := rand.Read(data); err != nil {
-		return nil, err
-	}
-	var text strings.Builder
-	for i := 0; text.Len() < size-size/2; i++ {
-		fmt.Fprintf(&text, "line %d of a layer: %d\n", i, time.Now().UnixNano())
-	}
-	return append(data, text.String()[:size-size/2]...), nil
-}
-
-// chain makes ten committed layers of one file each, as bench/run.py's _chain does.
-func chain(ctx context.Context, cm cache.Manager) ([]cache.ImmutableRef, error) {
+// chain makes committed layers of one file each, as bench/run.py's _chain does.
+func chain(ctx context.Context, cm cache.Manager, dir string) ([]cache.ImmutableRef, error) {
 	var refs []cache.ImmutableRef
 	var parent cache.ImmutableRef
-	for i := 0; i < layers; i++ {
-		mr, err := cm.New(ctx, parent, nil)
+	for i := 0; ; i++ {
+		data, err := ioutil.ReadFile(filepath.Join(dir, fmt.Sprintf("layer-%d", i)))
+		if os.IsNotExist(err) {
+			break
+		}
 		if err != nil {
 			return nil, err
 		}
-		data, err := layerData(layerSize)
+		mr, err := cm.New(ctx, parent, nil)
 		if err != nil {
 			return nil, err
 		}
