@@ -281,6 +281,7 @@ class _ProviderReader(io.RawIOBase):
         self._dh = dh
         self._hash = hashlib.sha256()
         self._count = 0
+        self._piece = b""
         self._buffer = memoryview(b"")
         self._items: queue.Queue[bytes | BaseException] = queue.Queue(4)
         self._stop = threading.Event()
@@ -312,32 +313,53 @@ class _ProviderReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def _fill(self) -> bool:
+        """Takes the provider's next piece once the last is used up, checked; False at the
+        end of the blob."""
+        if self._buffer:
+            return True
         desc = self._desc
-        if not self._buffer:
-            try:
-                item = self._items.get(timeout=self._dh.stall_timeout)
-            except queue.Empty:
-                self.stalled = True
-                raise UnavailableError(
-                    f"provider of {desc.digest} made no progress for "
-                    f"{self._dh.stall_timeout:g} s (after {self._count} of {desc.size} bytes)"
-                ) from None
-            if isinstance(item, CacheError):
-                raise item
-            if isinstance(item, BaseException):
-                raise CacheError(f"provider of {desc.digest} failed: {item}") from item
-            if not item:
-                self._check_end()
-                return 0
-            self._count += len(item)
-            if self._count > desc.size:
-                raise InvalidError(
-                    f"provider sent more than the {desc.size} bytes of {desc.digest}"
-                )
-            self._hash.update(item)
-            self._buffer = memoryview(item)
-            _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
+        try:
+            item = self._items.get(timeout=self._dh.stall_timeout)
+        except queue.Empty:
+            self.stalled = True
+            raise UnavailableError(
+                f"provider of {desc.digest} made no progress for "
+                f"{self._dh.stall_timeout:g} s (after {self._count} of {desc.size} bytes)"
+            ) from None
+        if isinstance(item, CacheError):
+            raise item
+        if isinstance(item, BaseException):
+            raise CacheError(f"provider of {desc.digest} failed: {item}") from item
+        if not item:
+            self._check_end()
+            return False
+        self._count += len(item)
+        if self._count > desc.size:
+            raise InvalidError(f"provider sent more than the {desc.size} bytes of {desc.digest}")
+        self._hash.update(item)
+        self._piece = item if isinstance(item, bytes) else bytes(item)
+        self._buffer = memoryview(self._piece)
+        _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """At most `size` bytes; a whole piece of the provider's is passed on as it came,
+        without a copy."""
+        if size is None or size < 0:
+            return self.readall()
+        if not size or not self._fill():
+            return b""
+        if len(self._buffer) <= size and len(self._buffer) == len(self._piece):
+            self._buffer = memoryview(b"")
+            return self._piece
+        part = bytes(self._buffer[:size])
+        self._buffer = self._buffer[size:]
+        return part
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._fill():
+            return 0
         n = min(len(buffer), len(self._buffer))
         buffer[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
