@@ -11,7 +11,11 @@ hits both alike. Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import gzip
+import hashlib
+import io
 import json
 import pathlib
 import random
@@ -19,19 +23,21 @@ import shutil
 import socket
 import statistics
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
 from pyctrd_cache import (
     CachePolicy,
     Compression,
+    DescHandler,
     EmbeddedContainerd,
     ImmutableRef,
     Manager,
@@ -46,7 +52,8 @@ from pyctrd_cache import (
     push,
 )
 from pyctrd_cache.cache import overlay_diff
-from pyctrd_cache.client import Client
+from pyctrd_cache.cache.manager import _MEASURERS
+from pyctrd_cache.client import Client, Descriptor
 from pyctrd_cache.compression import OCI_LAYER as TAR
 from pyctrd_cache.compression import OCI_LAYER_ZSTD as TAR_ZSTD
 from pyctrd_cache.compression import decompressed_chunks, media_type_for
@@ -407,6 +414,243 @@ def bench_usage(address: str, work: pathlib.Path, cycles: int, rounds: int) -> l
     return rows
 
 
+_buildkit_binary: str | None = None
+"""BuildKit's cache manager timed by bench/buildkit (set by `main` from `--buildkit`)."""
+
+
+def _buildkit(address: str, work: pathlib.Path, op: str, *args: str) -> float:
+    """Seconds BuildKit's own cache manager took for `op` on the same daemon (see
+    bench/buildkit/main.go)."""
+    assert _buildkit_binary is not None
+    root = work / f"bk-{uuid.uuid4().hex}"
+    out = subprocess.run(
+        [_buildkit_binary, "-address", address, "-root", str(root), "-op", op, *args],
+        capture_output=True,
+        text=True,
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    if out.returncode:
+        raise RuntimeError(f"{_buildkit_binary} -op {op} failed: {out.stderr.strip()}")
+    return float(out.stdout.split()[-1])
+
+
+def _versus_buildkit(name: str, ours: list[float], go: list[float]) -> Row:
+    o, g = statistics.median(ours), statistics.median(go)
+    return Row(f"  {name}, BuildKit a9f1980eb", f"{g:.2f} s", f"py/go {o / g:.2f}x")
+
+
+def _gzip_layers(layers: int, layer_size: int) -> list[tuple[Descriptor, bytes]]:
+    """`layers` gzip layer blobs of one `layer_size` file each (half random, half text), with
+    their diff ids as annotations."""
+    out = []
+    for i in range(layers):
+        tar_bytes = io.BytesIO()
+        with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+            data = _layer_data(7000 + i, layer_size)
+            member = tarfile.TarInfo(f"layer-{i}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        plain = tar_bytes.getvalue()
+        blob = gzip.compress(plain, compresslevel=6, mtime=0)
+        desc = Descriptor(
+            media_type_for(Compression.GZIP),
+            "sha256:" + hashlib.sha256(blob).hexdigest(),
+            len(blob),
+            {"containerd.io/uncompressed": "sha256:" + hashlib.sha256(plain).hexdigest()},
+        )
+        out.append((desc, blob))
+    return out
+
+
+class _MemoryProvider:
+    """Blobs from memory, by digest."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self._blobs = blobs
+
+    def open(self, desc: Descriptor) -> BinaryIO:
+        return io.BytesIO(self._blobs[desc.digest])
+
+
+def _write_and_apply_directly(
+    client: Client, snapshotter: str, layers: Sequence[tuple[Descriptor, bytes]]
+) -> None:
+    """The floor of get_by_blob + extract: every blob written to the content store at once,
+    each layer applied onto its parent's snapshot (prepare, apply, commit) once its blob is
+    there, in chain order."""
+    lease = client.leases.create(flat=True)
+    leased = client.with_lease(lease.id)
+    sn = leased.snapshots(snapshotter)
+    try:
+        written = [threading.Event() for _ in layers]
+
+        def write(i: int) -> None:
+            desc, blob = layers[i]
+            leased.content.write(f"floor-{desc.digest}", blob, expected=desc.digest, size=desc.size)
+            written[i].set()
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(len(layers))]
+        for t in threads:
+            t.start()
+        parent = ""
+        for i, (desc, _) in enumerate(layers):
+            written[i].wait()
+            key = f"floor-{i}-{uuid.uuid4().hex}"
+            mounts = sn.prepare(f"{key}-active", parent)
+            leased.diff.apply(desc, mounts)
+            sn.commit(key, f"{key}-active")
+            parent = key
+        for t in threads:
+            t.join()
+    finally:
+        client.leases.delete(lease.id, sync=True)
+
+
+def bench_blobs(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """get_by_blob + extract of ten 16 MiB gzip layers pulled from a provider in memory,
+    against the same blobs written and applied with the thin client, alternating rounds."""
+    del cycles
+    layers = _gzip_layers(10, 16 << 20)
+    provider = _MemoryProvider({desc.digest: blob for desc, blob in layers})
+    cm = Manager.open(address, namespace="bench-blobs", state_dir=work / "blobs-state")
+    bare = Client(address, namespace="bench-blobs-floor")
+    blob_list = work / "blobs.json"
+    entries = []
+    for desc, blob in layers:
+        path = work / desc.digest.replace(":", "-")
+        path.write_bytes(blob)
+        entries.append({"descriptor": desc.to_oci(), "path": str(path)})
+    blob_list.write_text(json.dumps(entries))
+    floor_times, ours_times, go_times = [], [], []
+    for _ in range(rounds):
+        if _buildkit_binary is not None:
+            go_times.append(_buildkit(address, work, "blobs", "-blobs", str(blob_list)))
+        started = time.perf_counter()
+        _write_and_apply_directly(bare, cm.snapshotter, layers)
+        floor_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        refs: list[ImmutableRef] = []
+        for desc, _ in layers:
+            refs.append(
+                cm.get_by_blob(
+                    desc,
+                    refs[-1] if refs else None,
+                    desc_handlers={desc.digest: DescHandler(provider)},
+                )
+            )
+        refs[-1].extract()
+        ours_times.append(time.perf_counter() - started)
+        for ref in refs:
+            ref.release()
+        cm.prune(PrunePolicy(all=True))
+    cm.close()
+    bare.close()
+    f, o = statistics.median(floor_times), statistics.median(ours_times)
+    rows = [
+        Row(
+            "get_by_blob + extract, 10 x 16 MiB gzip",
+            f"{o:.2f} s",
+            f"content write + apply directly {f:.2f} s, ratio {o / f:.2f}x",
+        )
+    ]
+    if go_times:
+        rows.append(_versus_buildkit("get_by_blob + extract", ours_times, go_times))
+    return rows
+
+
+def _forget_sizes(cm: Manager) -> None:
+    """Drops every record's measured size, so that the next disk_usage measures again."""
+    for rec in list(cm._core.records.values()):
+        with rec.mu:
+            rec.invalidate_size()
+
+
+def _usage_directly(client: Client, snapshotter: str, names: Sequence[str], width: int) -> None:
+    """The floor of disk_usage: one Usage call per snapshot, `width` at a time."""
+    sn = client.snapshots(snapshotter)
+    with concurrent.futures.ThreadPoolExecutor(width) as pool:
+        for _ in pool.map(sn.usage, names):
+            pass
+
+
+def bench_usage_ratio(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """disk_usage of 1,000 records whose sizes are unknown, against the Usage calls it needs
+    made directly at the same width, alternating rounds."""
+    del cycles
+    count = 1000
+    cm = Manager.open(address, namespace="bench-du-ratio", state_dir=work / "du-ratio")
+    for _ in range(count):
+        cm.new(cache_policy=CachePolicy.RETAIN).release()
+    bare = Client(address, namespace="bench-du-ratio")
+    names = [rec.md.snapshot_id for rec in cm._core.records.values()]
+    floor_times, ours_times, go_times = [], [], []
+    for _ in range(rounds):
+        if _buildkit_binary is not None:
+            go_times.append(_buildkit(address, work, "du"))
+        _forget_sizes(cm)
+        started = time.perf_counter()
+        _usage_directly(bare, cm.snapshotter, names, _MEASURERS)
+        floor_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        cm.disk_usage()
+        ours_times.append(time.perf_counter() - started)
+    cm.prune(PrunePolicy(all=True))
+    cm.close()
+    bare.close()
+    f, o = statistics.median(floor_times), statistics.median(ours_times)
+    rows = [
+        Row(
+            "du (sizes computed), 1,000 records",
+            f"{o:.2f} s",
+            f"{count} Usage calls directly, {_MEASURERS} at a time: {f:.2f} s, ratio {o / f:.2f}x",
+        )
+    ]
+    if go_times:
+        rows.append(_versus_buildkit("du (sizes computed)", ours_times, go_times))
+    return rows
+
+
+def bench_remote_buildkit(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """get_remote, uncompressed and gzip, of a fresh ten-layer chain of 16 MiB layers per
+    round, next to the diff service called directly for the same layers and, with
+    `--buildkit`, to BuildKit's GetRemote of a chain of its own of the same shape, in
+    alternating rounds."""
+    del cycles
+    cm = Manager.open(address, namespace="bench-remote-bk", state_dir=work / "remote-bk-state")
+    bare = Client(address, namespace="bench-remote-bk")
+    rows = []
+    for compression in (Compression.UNCOMPRESSED, Compression.GZIP):
+        floor_times, ours_times, go_times = [], [], []
+        for r in range(rounds):
+            if _buildkit_binary is not None:
+                # BuildKit's chain of the same shape: the same generator, another seed.
+                data = work / "bk-layers"
+                data.mkdir()
+                for i in range(10):
+                    (data / f"layer-{i}").write_bytes(_layer_data(200000 + r * 100 + i, 16 << 20))
+                op = f"remote-{compression.value}"
+                go_times.append(_buildkit(address, work, op, "-data", str(data)))
+                shutil.rmtree(data)
+            refs = _chain(cm, 10, 16 << 20, seed=1000 + r)
+            started = time.perf_counter()
+            _diff_directly(bare, cm.snapshotter, refs, media_type_for(compression))
+            floor_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            refs[-1].get_remote(compression=compression)
+            ours_times.append(time.perf_counter() - started)
+            for ref in refs:
+                ref.release()
+            cm.prune(PrunePolicy(all=True))
+        f, o = statistics.median(floor_times), statistics.median(ours_times)
+        name = f"get_remote, 10 x 16 MiB, {compression.value}"
+        rows.append(Row(name, f"{o:.2f} s", f"diff service directly {f:.2f} s, ratio {o / f:.2f}x"))
+        if go_times:
+            rows.append(_versus_buildkit("get_remote", ours_times, go_times))
+    cm.close()
+    bare.close()
+    return rows
+
+
 def _tree(root: pathlib.Path, total: int) -> None:
     """A tree of `total` bytes in 1 MiB files over 16 directories, half random, half text."""
     for i in range(total >> 20):
@@ -689,6 +933,9 @@ BENCHES = {
     "remote": bench_remote,
     "small-change": bench_small_change,
     "usage": bench_usage,
+    "blobs": bench_blobs,
+    "du": bench_usage_ratio,
+    "remote-bk": bench_remote_buildkit,
     "layouts": bench_layouts,
     "registry": bench_registry,
     "stargz": bench_stargz,
@@ -703,9 +950,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(BENCHES))
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--buildkit",
+        metavar="BKBENCH",
+        help="bench/buildkit's binary: time BuildKit's cache manager in the same rounds "
+        "(blobs, du, remote-bk)",
+    )
     args = parser.parse_args()
-    global _containerd_binary
+    global _containerd_binary, _buildkit_binary
     _containerd_binary = args.containerd
+    _buildkit_binary = args.buildkit
     work = pathlib.Path(tempfile.mkdtemp(prefix="pyctrd-bench-", dir="/tmp"))
     try:
         with EmbeddedContainerd(work / "ctrd", args.containerd) as daemon:

@@ -160,17 +160,27 @@ def oci_desc(rec: _Record, dhs: DescHandlers) -> Descriptor:
 def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compression) -> None:
     """Records `desc` as the `compression` variant of the record's blob: held by the
     record's lease first, then labelled on both blobs so that it is found after a restart.
-    The caller does not hold the record lock."""
+    The record's own blob is held by its lease from the moment it is set (`set_blob`, a
+    blob record's creation), and takes its labels in one update. The caller does not hold
+    the record lock."""
     client = rec.core.client
-    client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
-    labels = {variant_label(compression): desc.digest}
-    if desc.digest != rec.md.blob:
-        labels[VARIANT_GC_REF_PREFIX + compression.value] = desc.digest
-    client.content.update_labels(rec.md.blob, labels)
     variant = {VARIANT_MEDIA_TYPE_LABEL: desc.media_type}
     for key, value in filter_annotations_for_save(desc.annotations).items():
         variant[VARIANT_ANNOTATION_PREFIX + key] = value
-    client.content.update_labels(desc.digest, variant)
+    if desc.digest == rec.md.blob:
+        client.content.update_labels(
+            desc.digest, {variant_label(compression): desc.digest, **variant}
+        )
+    else:
+        client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
+        client.content.update_labels(
+            rec.md.blob,
+            {
+                variant_label(compression): desc.digest,
+                VARIANT_GC_REF_PREFIX + compression.value: desc.digest,
+            },
+        )
+        client.content.update_labels(desc.digest, variant)
     with rec.mu:
         rec.invalidate_size()  # the size counts every variant
 
@@ -272,6 +282,7 @@ class _ProviderReader(io.RawIOBase):
         self._dh = dh
         self._hash = hashlib.sha256()
         self._count = 0
+        self._piece = b""
         self._buffer = memoryview(b"")
         self._items: queue.Queue[bytes | BaseException] = queue.Queue(4)
         self._stop = threading.Event()
@@ -303,32 +314,53 @@ class _ProviderReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def _fill(self) -> bool:
+        """Takes the provider's next piece once the last is used up, checked; False at the
+        end of the blob."""
+        if self._buffer:
+            return True
         desc = self._desc
-        if not self._buffer:
-            try:
-                item = self._items.get(timeout=self._dh.stall_timeout)
-            except queue.Empty:
-                self.stalled = True
-                raise UnavailableError(
-                    f"provider of {desc.digest} made no progress for "
-                    f"{self._dh.stall_timeout:g} s (after {self._count} of {desc.size} bytes)"
-                ) from None
-            if isinstance(item, CacheError):
-                raise item
-            if isinstance(item, BaseException):
-                raise CacheError(f"provider of {desc.digest} failed: {item}") from item
-            if not item:
-                self._check_end()
-                return 0
-            self._count += len(item)
-            if self._count > desc.size:
-                raise InvalidError(
-                    f"provider sent more than the {desc.size} bytes of {desc.digest}"
-                )
-            self._hash.update(item)
-            self._buffer = memoryview(item)
-            _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
+        try:
+            item = self._items.get(timeout=self._dh.stall_timeout)
+        except queue.Empty:
+            self.stalled = True
+            raise UnavailableError(
+                f"provider of {desc.digest} made no progress for "
+                f"{self._dh.stall_timeout:g} s (after {self._count} of {desc.size} bytes)"
+            ) from None
+        if isinstance(item, CacheError):
+            raise item
+        if isinstance(item, BaseException):
+            raise CacheError(f"provider of {desc.digest} failed: {item}") from item
+        if not item:
+            self._check_end()
+            return False
+        self._count += len(item)
+        if self._count > desc.size:
+            raise InvalidError(f"provider sent more than the {desc.size} bytes of {desc.digest}")
+        self._hash.update(item)
+        self._piece = item if isinstance(item, bytes) else bytes(item)
+        self._buffer = memoryview(self._piece)
+        _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """At most `size` bytes; a whole piece of the provider's is passed on as it came,
+        without a copy."""
+        if size is None or size < 0:
+            return self.readall()
+        if not size or not self._fill():
+            return b""
+        if len(self._buffer) <= size and len(self._buffer) == len(self._piece):
+            self._buffer = memoryview(b"")
+            return self._piece
+        part = bytes(self._buffer[:size])
+        self._buffer = self._buffer[size:]
+        return part
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._fill():
+            return 0
         n = min(len(buffer), len(self._buffer))
         buffer[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
@@ -410,33 +442,36 @@ def extract(ref: ImmutableRef, session: Session = ()) -> None:
                 f"prepare-remote-{ref.id}",
                 lambda: remote_snapshots.prepare_remote(ref._rec, dhs, session, leased),
             )
-        todo = [
-            r
-            for r in chain_of(ref)
-            if r.md.blob_only
-            and not remote_snapshots.is_remote(leased, core.snapshotter, r.md.snapshot_id)
-            and not _extracted_already(r, leased)
-        ]
+        todo = [r for r in chain_of(ref) if r.md.blob_only and not _made_already(r, leased)]
         # Every pull starts at once; each layer is applied, in chain order, once its pull
         # is done. The first failure in chain order (of the pulls that ran) is raised.
         with unwrapped(), TaskGroup() as group:
-            pulls = [
-                group.start(lambda r=r: unlazy(r, oci_desc(r, dhs), dhs.get(r.md.blob)))  # type: ignore[misc]
-                for r in todo
-            ]
+            pulls = [group.start(lambda r=r: _pull(r, dhs)) for r in todo]  # type: ignore[misc]
             for r, pull in zip(todo, pulls, strict=True):
-                pull.result()
-                core.flight.do(f"extract-{r.id}", lambda r=r: _apply_layer(r, dhs, leased))  # type: ignore[misc]
+                desc = pull.result()
+                core.flight.do(
+                    f"extract-{r.id}",
+                    lambda r=r, d=desc: _apply_layer(r, d, dhs, leased),  # type: ignore[misc]
+                )
 
 
-def _extracted_already(rec: _Record, leased: Client) -> bool:
-    """Whether the snapshot a blob-only record would make exists (another record of the same
-    chain made it); the record then takes it without its blob being pulled."""
+def _pull(rec: _Record, dhs: DescHandlers) -> Descriptor:
+    """Pulls the record's blob if it is lazy; its descriptor."""
+    desc = oci_desc(rec, dhs)
+    unlazy(rec, desc, dhs.get(rec.md.blob))
+    return desc
+
+
+def _made_already(rec: _Record, leased: Client) -> bool:
+    """Whether the snapshot a blob-only record would make exists: a remote one, or one that
+    another record of the same chain made, which the record then takes without its blob
+    being pulled."""
     try:
-        leased.snapshots(rec.core.snapshotter).stat(rec.md.snapshot_id)
+        info = leased.snapshots(rec.core.snapshotter).stat(rec.md.snapshot_id)
     except NotFoundError:
         return False
-    _mark_extracted(rec)
+    if remote_snapshots.REMOTE_SNAPSHOT_LABEL not in info.labels:
+        _mark_extracted(rec)
     return True
 
 
@@ -447,13 +482,14 @@ def _mark_extracted(rec: _Record) -> None:
         rec.invalidate_size()
 
 
-def _apply_layer(rec: _Record, dhs: DescHandlers, leased: Client) -> None:
+def _apply_layer(rec: _Record, desc: Descriptor, dhs: DescHandlers, leased: Client) -> None:
+    """Applies the record's blob `desc` onto its parent's snapshot, unless the snapshot was
+    made meanwhile."""
     core = rec.core
     sn = leased.snapshots(core.snapshotter)
     with contextlib.suppress(NotFoundError):
         sn.stat(rec.md.snapshot_id)
         return
-    desc = oci_desc(rec, dhs)
     dh = dhs.get(desc.digest)
     _notify(dh, ProgressEvent("status", desc.digest, message=f"extracting {desc.digest}"))
     key = f"extract-{core.new_id()} {rec.md.chain_id}"

@@ -49,7 +49,7 @@ from ..usage_filters import UsageFilter, compile_filters
 from . import _reconcile, _usage, blobs, remote_snapshots
 from ._core import KIND_LABEL, OWNER_LABEL, SESSION_LABEL, Core, new_id
 from ._usage import keep_bytes_for
-from .refs import ImmutableRef, MutableRef, _Record, now_ns
+from .refs import ImmutableRef, MutableRef, _Record, now_ns, save_rows
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
 
@@ -722,8 +722,16 @@ class Manager:
             if e.info.size is None and not (e.info.mutable and e.refs > 0)
         ]
         sizes = {e.info.id: e.info.size or 0 for e in entries.values()}
+        # The measured sizes are written to their rows in one transaction, not one each.
+        unsaved: list[_Record] = []
         with self._core.working(), unwrapped():
-            computed = run_all([rec.measure for rec in unknown], limit=_MEASURERS)
+            try:
+                computed = run_all(
+                    [lambda r=r: r.measure(unsaved) for r in unknown],  # type: ignore[misc]
+                    limit=_MEASURERS,
+                )
+            finally:
+                save_rows(unsaved)
         sizes.update(zip((r.id for r in unknown), computed, strict=True))
         groups: dict[str, list[_UsageEntry]] = {}
         for e in entries.values():

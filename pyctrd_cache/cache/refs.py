@@ -22,7 +22,7 @@ import pathlib
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -429,13 +429,15 @@ class _Record:
             self.view = view
         return self.view_mounts
 
-    def compute_size(self) -> int:
+    def compute_size(self, unsaved: list[_Record] | None = None) -> int:
         """Snapshot usage plus the blob and its compression variants; cached in the row.
 
         A record with a writable handle open is measured but not cached (its snapshot may
         change at any time), and neither is a measurement that raced with a change of the
         record (a write, an extraction, a finalize moving the snapshot) or that found the
-        snapshot missing. Takes `self.mu` itself.
+        snapshot missing. With `unsaved`, a size cached in memory is not written to the row:
+        the record is appended to `unsaved` for the caller's `save_rows`. Takes `self.mu`
+        itself.
         """
         while True:
             with self.mu:
@@ -458,12 +460,15 @@ class _Record:
                     continue
                 if complete and not self.writable():
                     self.md.size = size
-                    self.save()
+                    if unsaved is None:
+                        self.save()
+                    else:
+                        unsaved.append(self)
                 return size
 
-    def measure(self) -> int:
+    def measure(self, unsaved: list[_Record] | None = None) -> int:
         """`compute_size`, one computation for concurrent callers. Takes `self.mu` itself."""
-        return self.core.flight.do(f"size-{self.id}", self.compute_size)
+        return self.core.flight.do(f"size-{self.id}", lambda: self.compute_size(unsaved))
 
     def _size_state(self) -> tuple[int, str, bool, str]:
         """What a measured size depends on: the epoch, the snapshot measured, the blob.
@@ -487,6 +492,40 @@ class _Record:
                 with contextlib.suppress(CacheError):
                     total += content.info(value).size
         return total
+
+
+def save_rows(recs: Iterable[_Record]) -> None:
+    """Persists the in-memory rows of `recs` in one transaction, each written under its
+    record's lock so that the row is the one in memory; a record whose lock is busy is saved
+    on its own afterwards, and a GONE one not at all (as `_Record.save`). Takes each
+    record's lock itself."""
+    held: dict[int, threading.Lock] = {}
+    batch: list[_Record] = []
+    busy: list[_Record] = []
+    try:
+        for rec in recs:
+            # Records of an equal pair share one lock.
+            if id(rec.mu) not in held:
+                if not rec.mu.acquire(blocking=False):
+                    busy.append(rec)
+                    continue
+                held[id(rec.mu)] = rec.mu
+            if rec.state is not RecordState.GONE:
+                batch.append(rec)
+        if batch:
+            try:
+                batch[0].core.store.update(*(rec.md for rec in batch))
+            except CacheError:
+                for rec in batch:
+                    with contextlib.suppress(CacheError):
+                        rec.core.store.reload(rec.md)
+                raise
+    finally:
+        for lock in held.values():
+            lock.release()
+    for rec in busy:
+        with rec.mu:
+            rec.save()
 
 
 class Ref:

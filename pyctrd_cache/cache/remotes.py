@@ -52,10 +52,12 @@ def get_remote(
     with temporary_lease(core) as leased:
         ref.finalize()
         chain = chain_of(ref)
+        # Each layer's blob, variant and descriptor are made and read concurrently with the
+        # others'; only the chain ids, which follow the parents, are set in order.
         with unwrapped():
-            use_variant = run_all(
+            descriptors = run_all(
                 [
-                    lambda r=r: _ensure_blob(  # type: ignore[misc]
+                    lambda r=r: _layer_desc(  # type: ignore[misc]
                         r, dhs, leased, create_if_needed, compression, force_compression
                     )
                     for r in chain
@@ -63,59 +65,54 @@ def get_remote(
             )
         for r in chain:
             set_chains(r)
-        descriptors = []
-        for r, variant in zip(chain, use_variant, strict=True):
-            desc = oci_desc(r, dhs)
-            if r.is_lazy():
-                desc = _with_distribution_sources(desc, r.md.image_refs)
-            if (force_compression or variant) and needs_conversion(
-                desc.media_type, desc.annotations, compression
-            ):
-                try:
-                    blob = get_compression_blob(r, compression)
-                except NotFoundError:
-                    raise CacheError(
-                        f"no {compression.value} variant of {desc.digest} was made"
-                    ) from None
-                desc = replace(
-                    desc,
-                    media_type=blob.media_type,
-                    digest=blob.digest,
-                    size=blob.size,
-                    annotations={**desc.annotations, **blob.annotations},
-                )
-            descriptors.append(desc)
     entries = {d.digest: (r, d) for r, d in zip(chain, descriptors, strict=True)}
     provider = _RemoteProvider(core, entries, dhs)
     return Remote(descriptors, provider, provider.unlazy_all)
 
 
-def _ensure_blob(
+def _layer_desc(
     rec: _Record,
     dhs: DescHandlers,
     leased: Client,
     create_if_needed: bool,
     compression: Compression,
     force: bool,
-) -> bool:
-    """Gives the record a blob (and the forced variant); whether the remote should serve
-    the `compression` variant rather than the blob itself: when forced, when the blob had to
-    be made in another compression, or when the variant exists already (serving it converts
+) -> Descriptor:
+    """The record's descriptor in the remote: its blob, made if needed, or the
+    `compression` variant of it. The variant is served when forced, when the blob had to be
+    made in another compression, or when the variant exists already (serving it converts
     nothing, and the same request gets the same layer every time)."""
     core = rec.core
     made_other = core.flight.do(
         f"blob-{rec.id}-{create_if_needed}",
         lambda: create_blob(rec, dhs, leased, create_if_needed, compression),
     )
-    use_variant = force or made_other or _has_variant(rec, dhs, compression)
+    desc = oci_desc(rec, dhs)
+    use_variant = force or made_other or _has_variant(rec, desc, compression)
     if use_variant:
         ensure_compression(rec, dhs, leased, compression)
-    return use_variant
+        desc = oci_desc(rec, dhs)  # a conversion pulls a lazy blob
+    # Only a record pulled from an image has sources to name (no Info call for the others).
+    if rec.md.image_refs and rec.is_lazy():
+        desc = _with_distribution_sources(desc, rec.md.image_refs)
+    if not (use_variant and needs_conversion(desc.media_type, desc.annotations, compression)):
+        return desc
+    try:
+        blob = get_compression_blob(rec, compression)
+    except NotFoundError:
+        raise CacheError(f"no {compression.value} variant of {desc.digest} was made") from None
+    return replace(
+        desc,
+        media_type=blob.media_type,
+        digest=blob.digest,
+        size=blob.size,
+        annotations={**desc.annotations, **blob.annotations},
+    )
 
 
-def _has_variant(rec: _Record, dhs: DescHandlers, compression: Compression) -> bool:
-    """Whether the record's blob is not of `compression` but a variant of it is recorded."""
-    desc = oci_desc(rec, dhs)
+def _has_variant(rec: _Record, desc: Descriptor, compression: Compression) -> bool:
+    """Whether the record's blob `desc` is not of `compression` but a variant of it is
+    recorded."""
     if not needs_conversion(desc.media_type, desc.annotations, compression):
         return False
     try:

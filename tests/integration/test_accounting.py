@@ -312,3 +312,27 @@ def test_cli_prune_dry_run(daemon: Daemon, namespace: str, managers: Managers) -
     one_line_error(cli("prune", "--filter", "descripton!=x"), "unknown field 'descripton'")
     assert [r["id"] for r in cli.json("du")["records"]] == [ref_id]
     assert [r["id"] for r in cli.json("prune", "--filter", "until=1ms")["removed"]] == [ref_id]
+
+
+def test_sizes_measured_by_disk_usage_are_stored(managers: Managers) -> None:
+    """disk_usage writes what it measured to the rows in one transaction (issue 19): a
+    reopened manager reports the same sizes without measuring, and a record written after the
+    measurement is measured again."""
+    cm = managers.open()
+    snaps = [record_with(cm, MiB) for _ in range(3)]
+    work = cm.new(cache_policy=CachePolicy.RETAIN)
+    work.release()
+    for snap in snaps:
+        snap.release()
+    measured = sizes(cm)
+    assert all(measured[s.id] >= MiB for s in snaps)
+    cm.close()
+
+    again = managers.open()
+    assert {s.id: again.info(s.id).size for s in snaps} == {s.id: measured[s.id] for s in snaps}
+    assert again.info(work.id).size == measured[work.id]
+    changed = again.get_mutable(work.id)
+    changed.apply(make_tar({"two": os.urandom(2 * MiB)}))
+    changed.release()
+    assert again.info(work.id).size is None
+    assert sizes(again)[work.id] >= 2 * MiB
