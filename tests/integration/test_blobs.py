@@ -4,6 +4,7 @@ TestSetBlob, and lazy pulls with their failures, against real containerd daemons
 from __future__ import annotations
 
 import contextlib
+import gc as collector
 import hashlib
 import io
 import sys
@@ -310,7 +311,14 @@ def test_lazy_chain_is_pulled_and_extracted_with_progress(
 def waiting_inside_extract(threads: list[threading.Thread]) -> bool:
     """Whether every thread is blocked (on a lock, condition or join) inside
     `ImmutableRef.extract`."""
-    frames = sys._current_frames()
+    # CPython 3.11's sys._current_frames can deadlock when a garbage collection starts
+    # inside it, as it allocates while holding the runtime's thread list lock (seen hung in
+    # gc_collect_main under _PyThread_CurrentFrames beside grpc's threads).
+    collector.disable()
+    try:
+        frames = sys._current_frames()
+    finally:
+        collector.enable()
     for thread in threads:
         frame = frames.get(thread.ident) if thread.ident is not None else None
         if frame is None or frame.f_code.co_filename != threading.__file__:
