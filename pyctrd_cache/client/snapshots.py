@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -33,22 +33,6 @@ def _stray_directory(err: ContainerdError) -> bool:
     return "failed to rename" in err.message and "file exists" in err.message
 
 
-def _create(call: Callable[[], list[Mount]], key: str) -> list[Mount]:
-    for attempt in range(_STRAY_DIRECTORY_RETRIES):
-        try:
-            return call()
-        except ContainerdError as err:
-            if attempt + 1 == _STRAY_DIRECTORY_RETRIES or not _stray_directory(err):
-                raise
-            log.warning(
-                "snapshot %s met a directory left by a killed containerd, which removed it; "
-                "creating it again: %s",
-                key,
-                err.message,
-            )
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def _info(info: pb.Info) -> SnapshotInfo:
     return SnapshotInfo(
         name=info.name,
@@ -74,14 +58,7 @@ class SnapshotsService:
         req = pb.PrepareSnapshotRequest(
             snapshotter=self.name, key=key, parent=parent, labels=dict(labels or {})
         )
-        return _create(
-            lambda: mounts_from_pb(
-                self._t.unary(
-                    SERVICE, "Prepare", req, pb.PrepareSnapshotResponse, idempotent=False
-                ).mounts
-            ),
-            key,
-        )
+        return self._create("Prepare", req, pb.PrepareSnapshotResponse, key)
 
     def view(
         self, key: str, parent: str = "", *, labels: Mapping[str, str] | None = None
@@ -90,14 +67,30 @@ class SnapshotsService:
         req = pb.ViewSnapshotRequest(
             snapshotter=self.name, key=key, parent=parent, labels=dict(labels or {})
         )
-        return _create(
-            lambda: mounts_from_pb(
-                self._t.unary(
-                    SERVICE, "View", req, pb.ViewSnapshotResponse, idempotent=False
-                ).mounts
-            ),
-            key,
-        )
+        return self._create("View", req, pb.ViewSnapshotResponse, key)
+
+    def _create(
+        self,
+        method: str,
+        req: pb.PrepareSnapshotRequest | pb.ViewSnapshotRequest,
+        response_type: type[pb.PrepareSnapshotResponse] | type[pb.ViewSnapshotResponse],
+        key: str,
+    ) -> list[Mount]:
+        """Prepare or View, repeated while it meets a directory a killed daemon left."""
+        for attempt in range(_STRAY_DIRECTORY_RETRIES):
+            try:
+                reply = self._t.unary(SERVICE, method, req, response_type, idempotent=False)
+                return mounts_from_pb(reply.mounts)
+            except ContainerdError as err:
+                if attempt + 1 == _STRAY_DIRECTORY_RETRIES or not _stray_directory(err):
+                    raise
+                log.warning(
+                    "snapshot %s met a directory left by a killed containerd, which removed "
+                    "it; creating it again: %s",
+                    key,
+                    err.message,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def mounts(self, key: str) -> list[Mount]:
         """The mounts of an active snapshot or view."""
