@@ -22,12 +22,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar, cast
 
 from .. import _validate
 from .._streams import ChunkReader
 from .._tasks import TaskGroup, detached, pipelined, unwrapped
-from ..client import Client, ContentWriter, Descriptor, LeaseResource, Mount
+from ..client import Client, ContentWriter, Descriptor, LeaseResource, Mount, Usage
 from ..compression import (
     OCI_LAYER,
     Compression,
@@ -43,6 +43,7 @@ from ..errors import (
     AlreadyExistsError,
     CacheError,
     ContainerdError,
+    FailedPreconditionError,
     InvalidError,
     NeedsRemoteProvidersError,
     NoBlobsError,
@@ -74,6 +75,7 @@ CHUNK: Final = 1 << 20
 """The size of the reads and writes that stream blobs."""
 
 log = logging.getLogger("pyctrd_cache.blobs")
+_T = TypeVar("_T")
 
 
 def diff_id_of(desc: Descriptor) -> str:
@@ -157,6 +159,19 @@ def oci_desc(rec: _Record, dhs: DescHandlers) -> Descriptor:
     return Descriptor(md.media_type, md.blob, md.blob_size or 0, annotations)
 
 
+def _variant_labels(desc: Descriptor) -> dict[str, str]:
+    """The labels that let `blob_desc` make the descriptor of a blob again."""
+    labels = {VARIANT_MEDIA_TYPE_LABEL: desc.media_type}
+    for key, value in filter_annotations_for_save(desc.annotations).items():
+        labels[VARIANT_ANNOTATION_PREFIX + key] = value
+    return labels
+
+
+def own_blob_labels(desc: Descriptor, compression: Compression) -> dict[str, str]:
+    """The labels of a record's own blob `desc`, its `compression` variant of itself."""
+    return {variant_label(compression): desc.digest, **_variant_labels(desc)}
+
+
 def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compression) -> None:
     """Records `desc` as the `compression` variant of the record's blob: held by the
     record's lease first, then labelled on both blobs so that it is found after a restart.
@@ -164,13 +179,9 @@ def add_compression_blob(rec: _Record, desc: Descriptor, compression: Compressio
     blob record's creation), and takes its labels in one update. The caller does not hold
     the record lock."""
     client = rec.core.client
-    variant = {VARIANT_MEDIA_TYPE_LABEL: desc.media_type}
-    for key, value in filter_annotations_for_save(desc.annotations).items():
-        variant[VARIANT_ANNOTATION_PREFIX + key] = value
+    variant = _variant_labels(desc)
     if desc.digest == rec.md.blob:
-        client.content.update_labels(
-            desc.digest, {variant_label(compression): desc.digest, **variant}
-        )
+        client.content.update_labels(desc.digest, own_blob_labels(desc, compression))
     else:
         client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
         client.content.update_labels(
@@ -210,9 +221,18 @@ def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
 def set_blob(rec: _Record, desc: Descriptor) -> None:
     """Associates a blob already in the content store with the record (once)."""
     _validate.descriptor(desc)
+    # A descriptor without a diff id or of an unknown media type is refused before the
+    # content store is asked (InvalidError rather than NotFoundError).
+    diff_id_of(desc)
+    compression_of(desc.media_type, desc.annotations)
+    rec.core.client.content.info(desc.digest)
+    _adopt_blob(rec, desc)
+
+
+def _adopt_blob(rec: _Record, desc: Descriptor) -> None:
+    """`set_blob` of a blob this module has just made, which needs no check."""
     diff_id = diff_id_of(desc)
     compression = compression_of(desc.media_type, desc.annotations)
-    rec.core.client.content.info(desc.digest)
     with rec.mu:
         if rec.md.blob:
             return
@@ -266,28 +286,28 @@ def missing_providers(recs: Sequence[_Record], dhs: DescHandlers) -> list[str]:
 
 
 class _ProviderReader(io.RawIOBase):
-    """The blob `desc` from its handler's provider, checked as it streams.
+    """The blob `desc` from its handler's provider, counted as it streams.
 
-    A detached task (`_tasks.detached`) opens and reads the provider, so that a provider
-    that makes no progress for the handler's `stall_timeout` fails the pull with
-    `UnavailableError` (`stalled` is then set; the blocked task is abandoned and closes the
-    stream if it ever returns). More bytes than the descriptor's size fail as soon as they
-    arrive; a stream that ends short of the size, or whose bytes hash to another digest,
-    fails at its end. Both are `InvalidError`, raised before containerd is asked to commit.
+    At the first read a detached task (`_tasks.detached`) opens and reads the provider, so
+    that a provider that makes no progress for the handler's `stall_timeout` fails the pull
+    with `UnavailableError` (`stalled` is then set; the blocked task is abandoned and closes
+    the stream if it ever returns). More bytes than the descriptor's size fail as soon as
+    they arrive, a stream that ends short of the size at its end: both `InvalidError`,
+    raised before containerd is asked to commit. The digest is containerd's to check: the
+    commit names it, and bytes of another digest are refused and their ingest aborted.
     """
 
     def __init__(self, desc: Descriptor, dh: DescHandler) -> None:
         super().__init__()
         self._desc = desc
         self._dh = dh
-        self._hash = hashlib.sha256()
         self._count = 0
         self._piece = b""
         self._buffer = memoryview(b"")
         self._items: queue.Queue[bytes | BaseException] = queue.Queue(4)
         self._stop = threading.Event()
+        self._started = False
         self.stalled = False
-        detached(self._produce)
 
     def _put(self, item: bytes | BaseException) -> bool:
         while not self._stop.is_set():
@@ -319,6 +339,9 @@ class _ProviderReader(io.RawIOBase):
         end of the blob."""
         if self._buffer:
             return True
+        if not self._started:
+            self._started = True
+            detached(self._produce)
         desc = self._desc
         try:
             item = self._items.get(timeout=self._dh.stall_timeout)
@@ -338,7 +361,6 @@ class _ProviderReader(io.RawIOBase):
         self._count += len(item)
         if self._count > desc.size:
             raise InvalidError(f"provider sent more than the {desc.size} bytes of {desc.digest}")
-        self._hash.update(item)
         self._piece = item if isinstance(item, bytes) else bytes(item)
         self._buffer = memoryview(self._piece)
         _notify(self._dh, ProgressEvent("bytes", desc.digest, self._count, desc.size))
@@ -373,9 +395,6 @@ class _ProviderReader(io.RawIOBase):
                 f"provider of {desc.digest} ended after {self._count} bytes, short of its "
                 f"size {desc.size}"
             )
-        seen = "sha256:" + self._hash.hexdigest()
-        if seen != desc.digest:
-            raise InvalidError(f"provider sent bytes of digest {seen}, not of {desc.digest}")
 
     def close(self) -> None:
         self._stop.set()
@@ -385,9 +404,10 @@ class _ProviderReader(io.RawIOBase):
 def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     """Copies a lazy blob from its provider into the content store, under the record's lease.
 
-    Concurrent calls for one digest share one copy. The bytes are checked against the
-    descriptor as they stream (`_ProviderReader`), and containerd's commit checks them again;
-    on any failure the ingest is aborted, so nothing is left.
+    Concurrent calls for one digest share one copy. The bytes are counted against the
+    descriptor as they stream (`_ProviderReader`), and containerd's commit checks their
+    digest; on any failure the ingest is aborted, so nothing is left. A blob already in the
+    store is not read from the provider: opening the ingest with its digest says so.
     """
     core = rec.core
     core.flight.do(f"unlazy-{desc.digest}", lambda: _unlazy(rec, desc, dh))
@@ -395,18 +415,32 @@ def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
 
 def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     core = rec.core
-    if not rec.blob_missing():
-        return
     if dh is None:
-        raise NeedsRemoteProvidersError([desc.digest])
+        if rec.blob_missing():
+            raise NeedsRemoteProvidersError([desc.digest])
+        return
     ingest = f"unlazy-{desc.digest}"
     content = core.client.with_lease(rec.id).content
+    # The blob's labels go with its commit, so that it is labelled from its first moment.
+    labels = own_blob_labels(desc, compression_of(desc.media_type, desc.annotations))
     _notify(dh, ProgressEvent("start", desc.digest, 0, desc.size))
     reader = _ProviderReader(desc, dh)
     try:
         try:
             with reader:
-                content.write(ingest, reader, expected=desc.digest, size=desc.size)  # type: ignore[arg-type]
+                written = content.write(
+                    ingest,
+                    reader,  # type: ignore[arg-type]
+                    expected=desc.digest,
+                    size=desc.size,
+                    labels=labels,
+                )
+        except FailedPreconditionError as err:
+            # The size was counted: containerd refused bytes of another digest.
+            raise InvalidError(
+                f"provider sent bytes that are not of {desc.digest} (containerd refused the "
+                f"commit: {err.message or err})"
+            ) from None
         except CacheError as err:
             # An unreachable daemon cannot abort; a stalled provider leaves it reachable.
             if reader.stalled or not isinstance(err, UnavailableError):
@@ -418,10 +452,10 @@ def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
         raise
     _notify(dh, ProgressEvent("end", desc.digest, desc.size, desc.size))
     with rec.mu:
-        if rec.md.image_refs and not rec.md.description:
+        if written and rec.md.image_refs and not rec.md.description:
             rec.md.description = f"pulled from {rec.md.image_refs[0]}"
             rec.save()
-    add_compression_blob(rec, desc, compression_of(desc.media_type, desc.annotations))
+        rec.invalidate_size()
 
 
 # Extraction.
@@ -516,64 +550,100 @@ def _apply_layer(rec: _Record, desc: Descriptor, dhs: DescHandlers, leased: Clie
 # Creating a record's blob.
 
 
+class Views:
+    """What the blobs of one chain share while they are made: read-only views of committed
+    snapshots (a record's view is the upper side of its own diff and the lower side of its
+    child's) and the usage of snapshots (which every layer's choice of differ asks of the
+    bottom of the chain), each made once. `close` removes the views, so that none outlives
+    the work as a child of the chain's snapshots. Thread-safe."""
+
+    def __init__(self, core: Core, leased: Client) -> None:
+        self._core = core
+        self._sn = leased.snapshots(core.snapshotter)
+        self._mu = threading.Lock()
+        self._once: dict[tuple[str, str], tuple[threading.Lock, list[object]]] = {}
+        self._names: list[str] = []
+
+    def _memo(self, key: tuple[str, str], make: Callable[[], _T]) -> _T:
+        with self._mu:
+            once, made = self._once.setdefault(key, (threading.Lock(), []))
+        with once:
+            if not made:
+                made.append(make())
+            return cast(_T, made[0])
+
+    def mounts(self, snapshot_id: str) -> list[Mount]:
+        """The mounts of a view of `snapshot_id`, made by the first caller."""
+
+        def view() -> list[Mount]:
+            name = f"diff-view-{self._core.new_id()}"
+            with self._mu:
+                self._names.append(name)
+            return self._sn.view(name, snapshot_id)
+
+        return self._memo(("view", snapshot_id), view)
+
+    def usage(self, snapshot_id: str) -> Usage:
+        """containerd's usage of `snapshot_id`, asked by the first caller."""
+        return self._memo(("usage", snapshot_id), lambda: self._sn.usage(snapshot_id))
+
+    def close(self) -> None:
+        """Removes every view made."""
+        with self._mu:
+            names, self._names, self._once = self._names, [], {}
+        for name in names:
+            with contextlib.suppress(CacheError):
+                self._sn.remove(name)
+
+
 def create_blob(
     rec: _Record,
     dhs: DescHandlers,
     leased: Client,
     create_if_needed: bool,
     compression: Compression,
+    views: Views,
 ) -> bool:
     """Makes the record's blob unless it has one, from its overlay upper directory where that
-    can be trusted (`overlay_diff`), else with the diff service; whether it was made in
-    another compression than `compression` (gzip for eStargz, which is converted)."""
+    can be trusted (`overlay_diff`), else with the diff service, on `views` of the record's
+    and its parent's snapshots; whether it was made in another compression than
+    `compression` (gzip for eStargz, which is converted)."""
     if rec.md.blob:
         return False
     if not create_if_needed:
         raise NoBlobsError(f"record {rec.id} has no blob")
     core = rec.core
     sn = leased.snapshots(core.snapshotter)
-    views: list[str] = []
-
-    def lower() -> list[Mount]:
-        if rec.parent is None:
-            return []
-        views.append(f"diff-lower-{core.new_id()}")
-        return sn.view(views[-1], rec.parent._rec.md.snapshot_id)
-
-    try:
-        if rec.parent is not None:
-            extract(rec.parent)
-        with rec.mu:
-            if rec.equal_mutable is not None:
-                key = rec.equal_mutable._rec.md.snapshot_id
-                upper = readonly_mounts(sn.mounts(key))
-            else:
-                key = rec.md.snapshot_id
-                views.append(f"diff-upper-{core.new_id()}")
-                upper = sn.view(views[-1], key)
-        made_other = compression is Compression.ESTARGZ
-        if made_other:
-            compression = Compression.GZIP
-        parents = [r.md.snapshot_id for r in chain_of(rec.parent)] if rec.parent else []
-        desc = _diff(rec, leased, (lower, upper), (parents, key), compression)
-    finally:
-        # Views go at once, so that no snapshot outlives the work as a child of the chain's.
-        for view in views:
-            with contextlib.suppress(CacheError):
-                sn.remove(view)
-    set_blob(rec, desc)
+    if rec.parent is not None:
+        extract(rec.parent)
+    with rec.mu:
+        if rec.equal_mutable is not None:
+            key = rec.equal_mutable._rec.md.snapshot_id
+            upper = readonly_mounts(sn.mounts(key))
+        else:
+            key = rec.md.snapshot_id
+            upper = []
+    if not upper:
+        upper = views.mounts(key)
+    made_other = compression is Compression.ESTARGZ
+    if made_other:
+        compression = Compression.GZIP
+    parents = [r.md.snapshot_id for r in chain_of(rec.parent)] if rec.parent else []
+    desc = _diff(rec, leased, views, upper, (parents, key), compression)
+    _adopt_blob(rec, desc)
     return made_other
 
 
 def _diff(
     rec: _Record,
     leased: Client,
-    mounts: tuple[Callable[[], list[Mount]], list[Mount]],
+    views: Views,
+    upper: list[Mount],
     keys: tuple[list[str], str],
     compression: Compression,
 ) -> Descriptor:
-    """The record's layer as `compression`, between the parent's mounts (made when the diff
-    service needs them) and the record's: from the overlay upper directory when that is
+    """The record's layer as `compression`, between the parent's view (made when the diff
+    service needs it) and the record's mounts `upper`: from the overlay upper directory when that is
     cheaper (`overlay_diff`), else by containerd's diff service. A daemon that cannot write
     zstd (containerd 1.6 and 1.7) gets the upper directory's route whatever its cost, and
     where there is none writes the layer uncompressed, which is streamed back, compressed on
@@ -581,18 +651,17 @@ def _diff(
     blob's (the diff id); that blob is held only by the caller's temporary lease, so the
     collector takes it."""
     core = rec.core
-    lower_mounts, upper = mounts
     ingest = f"diff-{rec.id}"
 
     def from_upper(always: bool) -> Descriptor | None:
         return overlay_diff.try_write(
-            core, leased, upper, keys, compression, ingest, write_layer, always=always
+            core, leased, views.usage, upper, keys, compression, ingest, write_layer, always=always
         )
 
     made = from_upper(False)
     if made is not None:
         return made
-    lower = lower_mounts()
+    lower = [] if rec.parent is None else views.mounts(rec.parent._rec.md.snapshot_id)
     media_type = media_type_for(compression)
     try:
         desc = leased.diff.diff(lower, upper, media_type=media_type, ref=ingest)

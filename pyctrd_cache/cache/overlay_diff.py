@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 
 from .._streams import ChunkWriter
 from .._tasks import produced
-from ..client import Client, Descriptor, Mount, SnapshotsService
+from ..client import Client, Descriptor, Mount, Usage
 from ..compression import Compression
 from ..errors import NotFoundError
 from ..mountpoints import new_mount_point, unmount
@@ -168,6 +168,7 @@ def bottom_dir(upper: Sequence[Mount]) -> tuple[str, str]:
 def try_write(
     core: Core,
     leased: Client,
+    usage_of: Callable[[str], Usage],
     upper: Sequence[Mount],
     keys: tuple[Sequence[str], str],
     compression: Compression,
@@ -178,7 +179,8 @@ def try_write(
 ) -> Descriptor | None:
     """The layer of the snapshot whose mounts are `upper`, written from its upper directory
     with `write` (`blobs.write_layer`); None, with nothing written, when the route cannot be
-    taken. `keys` are the parent chain's snapshots and the snapshot.
+    taken. `keys` are the parent chain's snapshots and the snapshot; `usage_of` asks
+    containerd for a snapshot's usage (`blobs.Views.usage`, shared by a chain's layers).
 
     Unless `always`, the route is taken only when it is the cheaper one: the diff service
     writes a layer's bytes within the daemon, several times faster than they stream here, but
@@ -194,10 +196,9 @@ def try_write(
     if not directory:
         log.debug("blob of snapshot %s by the diff service: %s", key, why)
         return None
-    sn = leased.snapshots(core.snapshotter)
     try:
-        usage = sn.usage(key)
-        if not always and not _cheaper(sn, parents, usage.size):
+        usage = usage_of(key)
+        if not always and not _cheaper(usage_of, parents, usage.size):
             log.debug(
                 "blob of snapshot %s by the diff service: %d bytes of change on few entries",
                 key,
@@ -229,14 +230,14 @@ def try_write(
     return desc
 
 
-def _cheaper(sn: SnapshotsService, parents: Sequence[str], size: int) -> bool:
+def _cheaper(usage_of: Callable[[str], Usage], parents: Sequence[str], size: int) -> bool:
     """Whether `size` bytes of change are under `_ROUTE_BYTES_PER_INODE` per inode of the
     snapshots below, counted bottom first (where a tree's bulk usually is) until they are,
     over `_ROUTE_PROBES` snapshots at most so that a long chain of large layers pays few
     calls for its answer."""
     below = 0
     for parent in parents[:_ROUTE_PROBES]:
-        below += sn.usage(parent).inodes
+        below += usage_of(parent).inodes
         if size < below * _ROUTE_BYTES_PER_INODE:
             return True
     return False

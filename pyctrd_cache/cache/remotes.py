@@ -18,6 +18,7 @@ from ..errors import CacheError, NotFoundError
 from ..remote import DescHandlers, Remote
 from .blobs import (
     CHUNK,
+    Views,
     chain_of,
     create_blob,
     get_compression_blob,
@@ -52,17 +53,21 @@ def get_remote(
     with temporary_lease(core) as leased:
         ref.finalize()
         chain = chain_of(ref)
+        views = Views(core, leased)
         # Each layer's blob, variant and descriptor are made and read concurrently with the
         # others'; only the chain ids, which follow the parents, are set in order.
-        with unwrapped():
-            descriptors = run_all(
-                [
-                    lambda r=r: _layer_desc(  # type: ignore[misc]
-                        r, dhs, leased, create_if_needed, compression, force_compression
-                    )
-                    for r in chain
-                ]
-            )
+        try:
+            with unwrapped():
+                descriptors = run_all(
+                    [
+                        lambda r=r: _layer_desc(  # type: ignore[misc]
+                            r, dhs, leased, views, create_if_needed, compression, force_compression
+                        )
+                        for r in chain
+                    ]
+                )
+        finally:
+            views.close()
         for r in chain:
             set_chains(r)
     entries = {d.digest: (r, d) for r, d in zip(chain, descriptors, strict=True)}
@@ -74,6 +79,7 @@ def _layer_desc(
     rec: _Record,
     dhs: DescHandlers,
     leased: Client,
+    views: Views,
     create_if_needed: bool,
     compression: Compression,
     force: bool,
@@ -85,7 +91,7 @@ def _layer_desc(
     core = rec.core
     made_other = core.flight.do(
         f"blob-{rec.id}-{create_if_needed}",
-        lambda: create_blob(rec, dhs, leased, create_if_needed, compression),
+        lambda: create_blob(rec, dhs, leased, create_if_needed, compression, views),
     )
     desc = oci_desc(rec, dhs)
     use_variant = force or made_other or _has_variant(rec, desc, compression)

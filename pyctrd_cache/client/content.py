@@ -155,13 +155,14 @@ class ContentService:
         expected: str,
         size: int,
         labels: Mapping[str, str] | None = None,
-    ) -> ContentInfo:
-        """Streams `source` into the content store as the blob `expected` of `size` bytes.
+    ) -> bool:
+        """Streams `source` into the content store as the blob `expected` of `size` bytes;
+        False when the blob was already there (and `source` was not read), else True.
 
         Never holds more than one chunk in memory. Resumes an ingest left by an earlier
-        attempt with the same `ref` (skipping what it already has), and treats a blob that is
-        already there as written. containerd checks size and digest at commit: a mismatch
-        raises `FailedPreconditionError` and the ingest is aborted.
+        attempt with the same `ref` (skipping what it already has). `labels` are set on the
+        blob either way. containerd checks size and digest at commit: a mismatch raises
+        `FailedPreconditionError` and the ingest is aborted.
         """
         stream: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source
         try:
@@ -179,8 +180,10 @@ class ContentService:
                     self.abort(ref)
                     raise
         except AlreadyExistsError:
-            pass
-        return self.info(expected)
+            if labels:
+                self.update_labels(expected, labels)
+            return False
+        return True
 
 
 def _skip(stream: BinaryIO, count: int) -> None:

@@ -157,7 +157,8 @@ def test_content_large_blob_streams_with_bounded_memory(client: Client) -> None:
 
     tracemalloc.start()
     try:
-        info = leased.content.write("big", stream, expected=expected, size=size)  # type: ignore[arg-type]
+        assert leased.content.write("big", stream, expected=expected, size=size)  # type: ignore[arg-type]
+        info = leased.content.info(expected)
         h = hashlib.sha256()
         read = 0
         for chunk in leased.content.read(expected):
@@ -214,8 +215,11 @@ def test_content_write_resumes_an_interrupted_ingest(client: Client) -> None:
     assert leased.content.list_statuses() == []
 
     # Writing it again is answered as "already there".
-    again = leased.content.write("resume-me", data, expected=expected, size=len(data))
-    assert again.digest == expected
+    labels = {"x": "y"}
+    assert not leased.content.write(
+        "resume-me", data, expected=expected, size=len(data), labels=labels
+    )
+    assert leased.content.info(expected).labels == labels
 
 
 def test_content_write_rejects_wrong_bytes_and_leaves_nothing(client: Client) -> None:

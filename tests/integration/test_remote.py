@@ -20,7 +20,7 @@ from pyctrd_cache import (
     NoBlobsError,
     PrunePolicy,
 )
-from pyctrd_cache.client import Client
+from pyctrd_cache.client import Client, Mount, SnapshotsService
 from tests.checks import blob_count, gc, owned_leases, snapshot_names
 from tests.fix_containerd import Managers
 from tests.layers import (
@@ -278,6 +278,59 @@ def test_unlazy_pulls_a_lazy_chain_with_one_open_each(managers: Managers, client
     # Local now: a second unlazy opens nothing.
     remote.unlazy()
     assert provider.opened == dict.fromkeys(digests, 1)
+    ref.release()
+
+
+def test_get_remote_views_each_snapshot_once(
+    managers: Managers, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record's view is the upper side of its own diff and the lower side of its child's:
+    a chain of n records needs n views, not 2n - 1, and none is left."""
+    cm = managers.open()
+    refs: list[ImmutableRef] = []
+    for i in range(4):
+        work = cm.new(refs[-1] if refs else None)
+        with work.mount(readonly=False) as root:
+            (root / f"f{i}").write_bytes(os.urandom(64 << 10))
+        refs.append(work.commit())
+    viewed: list[str] = []
+    view = SnapshotsService.view
+
+    def counted(self: SnapshotsService, key: str, parent: str) -> list[Mount]:
+        viewed.append(parent)
+        return view(self, key, parent)
+
+    monkeypatch.setattr(SnapshotsService, "view", counted)
+    remote = refs[-1].get_remote(compression=Compression.UNCOMPRESSED)
+    assert len(remote.descriptors) == 4
+    assert Counter(viewed) == Counter(r.info().snapshot_id for r in refs)
+    assert not [n for n in snapshot_names(client) if "view" in n]
+    for ref in refs:
+        ref.release()
+
+
+def test_a_pull_of_a_blob_already_stored_does_not_open_the_provider(
+    managers: Managers, client: Client
+) -> None:
+    """Opening the ingest with the blob's digest says the blob is there: the provider is
+    not read, and the blob is labelled as the record's and held by its lease."""
+    cm = managers.open()
+    blob, desc = layer({"already": os.urandom(1 << 16)})
+    lease = client.leases.create(flat=True)
+    assert client.with_lease(lease.id).content.write(
+        "elsewhere", blob, expected=desc.digest, size=desc.size
+    )
+    provider = BytesProvider(blob)
+    ref = cm.get_by_blob(desc, desc_handlers={desc.digest: DescHandler(provider)})
+    ref.extract()
+    assert provider.opened == {}
+    assert not ref.is_lazy()
+    client.leases.delete(lease.id, sync=True)
+    gc(client)
+    assert (
+        client.content.info(desc.digest).labels["buildkit.io/compression/mediatype"]
+        == desc.media_type
+    )
     ref.release()
 
 
