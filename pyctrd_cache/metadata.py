@@ -7,9 +7,23 @@ becomes "change the in-memory row, then `save` it"). The database runs in WAL mo
 `synchronous=NORMAL`: a committed transaction survives a crash of the process, which is the
 failure the cache must survive (a power loss may lose the last transactions, never corrupt).
 
-The state directory is locked with `flock` while a store is open: a second store on it, in
-any process, waits up to its `lock_timeout` (logging once who holds the lock: the holder
-writes its process id and command line into the lock file), then fails with `LockedError`.
+Any number of stores, in any processes, may have one state directory open at once: each
+holds a shared `flock` on the file `lock` for its life. The exclusive lock is taken only
+briefly, for what no other store may see half done (moving a legacy store up, creating or
+migrating the schema, moving a damaged database aside); a store that needs it, or that
+opens while another holds it, waits up to its `lock_timeout` (at least 10 s; logging once
+who holds it: the exclusive holder writes its process id and command line into the lock
+file), then fails with `LockedError`. Writes are short `BEGIN IMMEDIATE` transactions;
+SQLite's busy timeout makes a writer wait for another process's transaction.
+
+Each open manager is a session: a file `sessions/<id>` on which it holds an exclusive
+`flock` for its life, which the kernel drops when the process dies however it dies. A
+session is dead when another process can lock its file. Its holds (rows of `holds`: the
+records it has handles on) count only while it lives; `reap` deletes a dead session's holds
+and its file. Every change of a record row is logged in `changes` (by triggers), which the
+other processes read to bring the records they keep in memory up to date
+(`foreign_changes`). `exclusive(key)` is a lock across processes (an OFD byte-range lock on
+`records.lock`), which the kernel also drops with the process.
 
 Before version 0.2 the command line kept its store in `STATE_DIR/cache`; opening `STATE_DIR`
 moves such a store up into it (under both locks), so that scripts and the command line see
@@ -37,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +59,7 @@ import pathlib
 import re
 import sqlite3
 import stat
+import struct
 import threading
 import time
 import uuid
@@ -52,20 +68,38 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
 
-from .errors import CacheError, InvalidError, LockedError, NoSpaceError, StoreDamagedError
+from .errors import (
+    CacheError,
+    InvalidError,
+    LockedError,
+    NoSpaceError,
+    NotFoundError,
+    StoreDamagedError,
+)
 from .types import CachePolicy, RecordType
 
 DB_NAME: Final = "metadata.db"
 ID_NAME: Final = "manager-id"
 LOCK_NAME: Final = "lock"
+SESSIONS_DIR: Final = "sessions"
+RECORDS_LOCK_NAME: Final = "records.lock"
+_CHANGES_KEPT: Final = 10_000
+"""How many logged changes are kept; a process further behind reloads all its records."""
+_BUSY_TIMEOUT_MS: Final = 30_000
 _SQLITE_SUFFIXES: Final = ("-wal", "-shm", "-journal")
 LEGACY_SUBDIR: Final = "cache"
 _LOCK_POLL: Final = 0.1
+_EXCLUSIVE_GRACE: Final = 10.0
+"""Seconds an open waits, whatever its `lock_timeout`, for another's brief exclusive step."""
 _STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
 
 log = logging.getLogger(__name__)
 _SQLITE_FULL: Final = 13
+_SQLITE_BUSY: Final = 5
+_F_OFD_SETLKW: Final = 38
+_FLOCK: Final = struct.Struct("hhqqi4x")
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
+_ID_RE_SESSION: Final = re.compile(r"^[0-9a-z]{25}$")
 
 _COLUMNS: Final = (
     "id",
@@ -93,43 +127,78 @@ _COLUMNS: Final = (
 )
 
 # Each entry moves the schema one version up; PRAGMA user_version counts the applied ones.
-# Statements are separated by ';' and contain none themselves.
-_MIGRATIONS: Final = (
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE records (
-        id TEXT PRIMARY KEY,
-        committed INTEGER NOT NULL DEFAULT 0,
-        parent TEXT NOT NULL DEFAULT '',
-        equal_mutable TEXT NOT NULL DEFAULT '',
-        snapshot_id TEXT NOT NULL DEFAULT '',
-        size INTEGER,
-        cache_policy INTEGER NOT NULL DEFAULT 0,
-        description TEXT NOT NULL DEFAULT '',
-        created_at INTEGER,
-        last_used_at INTEGER,
-        usage_count INTEGER NOT NULL DEFAULT 0,
-        layer_type TEXT NOT NULL DEFAULT '',
-        record_type TEXT NOT NULL DEFAULT '',
-        diff_id TEXT NOT NULL DEFAULT '',
-        chain_id TEXT NOT NULL DEFAULT '',
-        blob_chain_id TEXT NOT NULL DEFAULT '',
-        blob TEXT NOT NULL DEFAULT '',
-        blob_only INTEGER NOT NULL DEFAULT 0,
-        media_type TEXT NOT NULL DEFAULT '',
-        blob_size INTEGER,
-        image_refs TEXT NOT NULL DEFAULT '[]',
-        deleted INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX records_chain_id ON records (chain_id) WHERE chain_id != '';
-    CREATE INDEX records_blob_chain_id ON records (blob_chain_id) WHERE blob_chain_id != '';
-    CREATE TABLE externals (
-        record_id TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
-        key TEXT NOT NULL,
-        value BLOB NOT NULL,
-        PRIMARY KEY (record_id, key)
-    );
-    """,
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+        """,
+        """
+        CREATE TABLE records (
+            id TEXT PRIMARY KEY,
+            committed INTEGER NOT NULL DEFAULT 0,
+            parent TEXT NOT NULL DEFAULT '',
+            equal_mutable TEXT NOT NULL DEFAULT '',
+            snapshot_id TEXT NOT NULL DEFAULT '',
+            size INTEGER,
+            cache_policy INTEGER NOT NULL DEFAULT 0,
+            description TEXT NOT NULL DEFAULT '',
+            created_at INTEGER,
+            last_used_at INTEGER,
+            usage_count INTEGER NOT NULL DEFAULT 0,
+            layer_type TEXT NOT NULL DEFAULT '',
+            record_type TEXT NOT NULL DEFAULT '',
+            diff_id TEXT NOT NULL DEFAULT '',
+            chain_id TEXT NOT NULL DEFAULT '',
+            blob_chain_id TEXT NOT NULL DEFAULT '',
+            blob TEXT NOT NULL DEFAULT '',
+            blob_only INTEGER NOT NULL DEFAULT 0,
+            media_type TEXT NOT NULL DEFAULT '',
+            blob_size INTEGER,
+            image_refs TEXT NOT NULL DEFAULT '[]',
+            deleted INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        """
+        CREATE INDEX records_chain_id ON records (chain_id) WHERE chain_id != ''
+        """,
+        """
+        CREATE INDEX records_blob_chain_id ON records (blob_chain_id) WHERE blob_chain_id != ''
+        """,
+        """
+        CREATE TABLE externals (
+            record_id TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value BLOB NOT NULL,
+            PRIMARY KEY (record_id, key)
+        )
+        """,
+    ),
+    # Version 2: several processes share one state directory.
+    (
+        """
+        CREATE TABLE holds (
+            session TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            PRIMARY KEY (session, record_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX holds_record ON holds (record_id)",
+        "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT NOT NULL)",
+        """
+        CREATE TRIGGER records_inserted AFTER INSERT ON records
+        BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
+        """,
+        """
+        CREATE TRIGGER records_updated AFTER UPDATE ON records
+        BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
+        """,
+        """
+        CREATE TRIGGER records_deleted AFTER DELETE ON records
+        BEGIN INSERT INTO changes (record_id) VALUES (OLD.id); END
+        """,
+        "CREATE INDEX records_parent ON records (parent) WHERE parent != ''",
+        "CREATE INDEX records_equal_mutable ON records (equal_mutable) WHERE equal_mutable != ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -197,19 +266,18 @@ def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
 
-def _lock_file(fd: int, directory: pathlib.Path, timeout: float) -> int:
-    """`fd`, `directory`'s open lock file, once its lock is taken; waits up to `timeout`
-    seconds, logging once who holds it, else closes `fd` and raises `LockedError`."""
+def _lock_file(fd: int, directory: pathlib.Path, timeout: float, *, shared: bool = False) -> None:
+    """Takes the lock of `fd`, `directory`'s open lock file (shared or exclusive); waits up
+    to `timeout` seconds, logging once who holds it, else raises `LockedError`."""
     deadline = time.monotonic() + max(0.0, timeout)
     logged = False
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return
         except BlockingIOError:
             holder = _holder(fd)
             if time.monotonic() >= deadline:
-                os.close(fd)
                 waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
                 raise LockedError(
                     f"state directory {directory} is in use by another open manager "
@@ -239,20 +307,21 @@ def _write_holder(fd: int) -> None:
 
 
 def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote it."""
+    """Who holds the lock, as its exclusive holder wrote it."""
     try:
         text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
     except OSError:
         text = ""
     pid, _, command = text.partition(" ")
     if not pid.isdigit():
-        return "holder unknown"
+        return "shared by open managers"
     command = "".join(c if c.isprintable() else "?" for c in command)[:200]
     return f"pid {pid}: {command}" if command else f"pid {pid}"
 
 
 class MetadataStore:
-    """The records of one state directory; thread-safe, one open store per directory.
+    """The records of one state directory; thread-safe. Any number of stores, in any
+    processes, may have one directory open at once.
 
     `repair` moves an unreadable database aside and starts an empty one with the saved id.
     """
@@ -266,32 +335,112 @@ class MetadataStore:
         self._mu = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._dir_fd = -1
-        self._lock_fd = self._lock_directory(lock_timeout)
+        self._records_lock_fd = -1
+        self._sessions_fd = -1
+        self._session_fd = -1
+        self._session = ""
+        self._data_version = 0
+        self._seq = 0
+        self._lock_timeout = max(lock_timeout, _EXCLUSIVE_GRACE)
+        self._lock_fd = self._lock_directory(self._lock_timeout)
         try:
-            self._adopt_legacy_store(lock_timeout)
+            self._records_lock_fd = self._open_file(RECORDS_LOCK_NAME, os.O_RDWR | os.O_CREAT)
             self.manager_id = self._open(repair)
+            with self._mu, self._mapped():
+                db = self._connection()
+                (self._data_version,) = db.execute("PRAGMA data_version").fetchone()
+                (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+                self._seq = int(seq)
         except BaseException:
-            if self._db is not None:
-                self._db.close()
+            self._close_db()
             self._release_lock()
             raise
 
-    def _open(self, repair: bool) -> str:
-        saved_id = self._read_id()
-        try:
-            with self._mapped():
-                self._db = self._connect()
-                return self._migrate(saved_id)
-        except StoreDamagedError as err:
-            if not repair or err.path != str(self.path):
-                raise
+    def _close_db(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
-        self._move_aside()
-        with self._mapped():
-            self._db = self._connect()
-            return self._migrate(saved_id)
+
+    def _open(self, repair: bool) -> str:
+        """Opens the database under the shared lock when its schema is current, else takes
+        the exclusive lock to move a legacy store up, create or migrate the schema, or move
+        a damaged database aside (with `repair`)."""
+        if not self._legacy_present():
+            try:
+                with self._mapped():
+                    self._db = self._connect()
+                    manager_id = self._current_id(self._read_id())
+                if manager_id is not None:
+                    return manager_id
+            except StoreDamagedError as err:
+                if not repair or err.path != str(self.path):
+                    raise
+            self._close_db()
+        with self._exclusively():
+            self._adopt_legacy_store()
+            saved_id = self._read_id()
+            try:
+                with self._mapped():
+                    self._db = self._connect()
+                    return self._migrate(saved_id)
+            except StoreDamagedError as err:
+                if not repair or err.path != str(self.path):
+                    raise
+            self._close_db()
+            self._move_aside()
+            with self._mapped():
+                self._db = self._connect()
+                return self._migrate(saved_id)
+
+    @contextmanager
+    def _exclusively(self) -> Iterator[None]:
+        """Holds the directory's lock exclusively (no other store is open meanwhile), then
+        goes back to the shared lock. The shared lock is given up first: two stores that
+        both upgraded would wait for each other."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        try:
+            _lock_file(self._lock_fd, self.state_dir, self._lock_timeout)
+        except LockedError:
+            # Back to where the caller was, so that its clean-up finds the lock it had.
+            _lock_file(self._lock_fd, self.state_dir, self._lock_timeout, shared=True)
+            raise
+        _write_holder(self._lock_fd)
+        try:
+            yield
+        finally:
+            with suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def _current_id(self, saved_id: str | None) -> str | None:
+        """The store's id when the schema is current and the id file agrees; None when the
+        exclusive lock is needed to create or migrate it (or to write the id file)."""
+        assert self._db is not None
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        self._check_version(version)
+        if version != SCHEMA_VERSION or saved_id is None:
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
+        if row is None:
+            return None
+        self._check_id(str(row[0]), saved_id)
+        return str(row[0])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise InvalidError(
+                f"metadata store {self.path} has schema version {version}, newer than this "
+                f"version of pyctrd-cache understands ({SCHEMA_VERSION})"
+            )
+
+    def _check_id(self, manager_id: str, saved_id: str | None) -> None:
+        if saved_id is not None and saved_id != manager_id:
+            raise StoreDamagedError(
+                f"the metadata store {self.path} belongs to manager {manager_id}, but the "
+                f"id file {self.id_path} says {saved_id}: one of them comes from another "
+                "state directory; put the right one back",
+                path=str(self.id_path),
+            )
 
     def _damaged(self, problem: str) -> StoreDamagedError:
         return StoreDamagedError(
@@ -307,6 +456,11 @@ class MetadataStore:
         try:
             yield
         except sqlite3.Error as err:
+            if err.sqlite_errorcode & 0xFF == _SQLITE_BUSY:
+                raise LockedError(
+                    f"the metadata store {self.path} stayed busy (another process writing) "
+                    f"for {_BUSY_TIMEOUT_MS // 1000}s: {err}"
+                ) from None
             if _is_full(err):
                 raise NoSpaceError(
                     f"no space left to write the metadata store {self.path}: {err}"
@@ -402,6 +556,7 @@ class MetadataStore:
         os.fchmod(self._dir_fd, 0o700)
 
     def _lock_directory(self, timeout: float) -> int:
+        """The directory's lock file, locked shared."""
         try:
             self._open_directory()
             fd = self._open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
@@ -414,11 +569,11 @@ class MetadataStore:
                 f"cannot use state directory {self.state_dir}: {err.strerror}"
             ) from None
         try:
-            _lock_file(fd, self.state_dir, timeout)
+            _lock_file(fd, self.state_dir, timeout, shared=True)
         except BaseException:
+            os.close(fd)
             self._close_directory()
             raise
-        _write_holder(fd)
         return fd
 
     def _close_directory(self) -> None:
@@ -426,11 +581,16 @@ class MetadataStore:
             os.close(self._dir_fd)
             self._dir_fd = -1
 
-    def _adopt_legacy_store(self, timeout: float) -> None:
-        """Moves a store the command line kept in `STATE_DIR/cache` up into the state
-        directory, unless the state directory has one of its own (then refuses)."""
+    def _legacy_present(self) -> bool:
         legacy = self.state_dir / LEGACY_SUBDIR
-        if not (legacy / DB_NAME).is_file() or legacy.is_symlink():
+        return (legacy / DB_NAME).is_file() and not legacy.is_symlink()
+
+    def _adopt_legacy_store(self) -> None:
+        """Moves a store the command line kept in `STATE_DIR/cache` up into the state
+        directory, unless the state directory has one of its own (then refuses). Caller
+        holds the directory's lock exclusively."""
+        legacy = self.state_dir / LEGACY_SUBDIR
+        if not self._legacy_present():
             return
         if self.path.exists():
             raise InvalidError(
@@ -445,7 +605,12 @@ class MetadataStore:
             if err.errno == errno.ELOOP:
                 raise self._unsafe(f"{legacy / LOCK_NAME} is a symlink") from None
             raise CacheError(f"cannot use state directory {legacy}: {err.strerror}") from None
-        legacy_fd = _lock_file(fd, legacy, timeout)
+        try:
+            _lock_file(fd, legacy, self._lock_timeout)
+        except BaseException:
+            os.close(fd)
+            raise
+        legacy_fd = fd
         try:
             for name in _STORE_FILES:
                 with suppress(FileNotFoundError):
@@ -462,11 +627,10 @@ class MetadataStore:
         log.warning("moved the metadata store %s up to %s", legacy / DB_NAME, self.path)
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            with suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        for fd in (self._records_lock_fd, self._session_fd, self._sessions_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._records_lock_fd = self._session_fd = self._sessions_fd = self._lock_fd = -1
         self._close_directory()
 
     def _connect(self) -> sqlite3.Connection:
@@ -489,7 +653,7 @@ class MetadataStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise self._damaged("; ".join(problems))
@@ -499,19 +663,15 @@ class MetadataStore:
         return db
 
     def _migrate(self, saved_id: str | None) -> str:
-        """Brings the schema up to date; the store's id (the saved one for a new database)."""
+        """Brings the schema up to date; the store's id (the saved one for a new database).
+        Caller holds the directory's lock exclusively."""
         assert self._db is not None
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise InvalidError(
-                f"metadata store {self.path} has schema version {version}, newer than this "
-                f"version of pyctrd-cache understands ({SCHEMA_VERSION})"
-            )
+        self._check_version(version)
         with self._transaction() as db:
             for number in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _MIGRATIONS[number]:
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number + 1}")
             row = db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
             if row is None:
@@ -519,13 +679,9 @@ class MetadataStore:
                 db.execute("INSERT INTO meta (key, value) VALUES ('manager_id', ?)", (manager_id,))
             else:
                 manager_id = str(row[0])
-            if saved_id is not None and saved_id != manager_id:
-                raise StoreDamagedError(
-                    f"the metadata store {self.path} belongs to manager {manager_id}, but the "
-                    f"id file {self.id_path} says {saved_id}: one of them comes from another "
-                    "state directory; put the right one back",
-                    path=str(self.id_path),
-                )
+            self._check_id(manager_id, saved_id)
+        if version and version < SCHEMA_VERSION:
+            log.info("migrated the metadata store %s to schema version %d", self.path, version)
         if saved_id is None:
             self._write_id(manager_id)
         return manager_id
@@ -585,27 +741,39 @@ class MetadataStore:
         )
         return [r[0] for r in rows]
 
-    def insert(self, meta: RecordMeta) -> None:
-        """Writes a new row."""
+    def insert(self, meta: RecordMeta, *, hold: str = "") -> None:
+        """Writes a new row; with `hold`, that session holds it from the same transaction."""
         placeholders = ", ".join("?" for _ in _COLUMNS)
         with self._transaction() as db:
             db.execute(
                 f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
                 _to_row(meta),
             )
+            if hold:
+                db.execute("INSERT OR IGNORE INTO holds VALUES (?, ?)", (hold, meta.id))
 
-    def update(self, *metas: RecordMeta, delete: Iterable[str] = ()) -> None:
-        """Rewrites existing rows and drops the rows `delete`, in one transaction.
+    def update(
+        self,
+        *metas: RecordMeta,
+        delete: Iterable[str] = (),
+        unhold: tuple[str, str] | None = None,
+    ) -> None:
+        """Rewrites existing rows and drops the rows `delete` (and every hold on them), and
+        the hold `unhold` (session, record id), in one transaction.
 
         A row that no longer exists is not brought back.
         """
         assignments = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+        deleted = [(i,) for i in delete]
         with self._transaction() as db:
             db.executemany(
                 f"UPDATE records SET {assignments} WHERE id = ?",
                 [(*_to_row(m)[1:], m.id) for m in metas],
             )
-            db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in delete])
+            db.executemany("DELETE FROM records WHERE id = ?", deleted)
+            db.executemany("DELETE FROM holds WHERE record_id = ?", deleted)
+            if unhold is not None:
+                db.execute("DELETE FROM holds WHERE session = ? AND record_id = ?", unhold)
 
     def reload(self, meta: RecordMeta) -> None:
         """Puts the stored row back into `meta` in place (after a write that failed)."""
@@ -632,6 +800,209 @@ class MetadataStore:
                 (record_id, key, value),
             )
 
+    # Sessions: one per open manager, alive while its process holds the lock on its file.
+
+    def open_session(self, session: str) -> None:
+        """Makes this store's session file and holds its lock until `close`. The file is
+        locked before it gets its name, so that no one finds it unlocked."""
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(SESSIONS_DIR, 0o700, dir_fd=self._dir_fd)
+            self._sessions_fd = os.open(
+                SESSIONS_DIR,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self._dir_fd,
+            )
+            tmp = f".{session}.new"
+            fd = os.open(
+                tmp,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self._sessions_fd,
+            )
+            self._session_fd = fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_holder(fd)
+            os.rename(tmp, session, src_dir_fd=self._sessions_fd, dst_dir_fd=self._sessions_fd)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise self._unsafe(f"{self.state_dir / SESSIONS_DIR} is a symlink") from None
+            cls = NoSpaceError if err.errno == errno.ENOSPC else CacheError
+            raise cls(f"cannot make a session file in {self.state_dir}: {err.strerror}") from None
+        self._session = session
+
+    def session_alive(self, session: str) -> bool:
+        """Whether the session's process holds its file's lock; a session without a file is
+        dead (or was reaped)."""
+        if session == self._session:
+            return True
+        if self._sessions_fd < 0:
+            raise InvalidError(f"the metadata store {self.path} is closed")
+        try:
+            fd = os.open(
+                session,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self._sessions_fd,
+            )
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # not ours to judge: counted alive, never reaped
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def session_names(self) -> list[str]:
+        """The names in the sessions directory (live sessions, and dead ones not reaped)."""
+        try:
+            return [n for n in os.listdir(self._sessions_fd) if not n.startswith(".")]
+        except OSError:
+            return []
+
+    def dead_sessions(self) -> set[str]:
+        """Sessions that left a file or holds behind and whose process is gone."""
+        try:
+            names = set(os.listdir(self._sessions_fd))
+        except OSError:
+            names = set()
+        for row in self._query("SELECT DISTINCT session FROM holds"):
+            names.add(str(row[0]))
+        dead = set()
+        for name in names - {self._session}:
+            probe = name[1:-4] if name.startswith(".") and name.endswith(".new") else name
+            if name != probe and not _ID_RE_SESSION.match(probe):
+                continue
+            if not self.session_alive(name):
+                dead.add(name)
+        return dead
+
+    def reap(self, sessions: Iterable[str]) -> None:
+        """Deletes the holds and the files of dead sessions, and trims the change log."""
+        sessions = sorted(sessions)
+        with self._transaction() as db:
+            db.executemany("DELETE FROM holds WHERE session = ?", [(s,) for s in sessions])
+            db.execute(
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
+                (_CHANGES_KEPT,),
+            )
+        for name in sessions:
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._sessions_fd)
+
+    # Holds: the records each session has handles on.
+
+    def hold(self, session: str, record_id: str, *, exclusive: Iterable[str] = ()) -> None:
+        """Records that `session` has a handle on the record: `NotFoundError` when its row
+        is gone or marked deleted, `LockedError` when another session holds one of the
+        records `exclusive`."""
+        with self._transaction() as db:
+            row = db.execute("SELECT deleted FROM records WHERE id = ?", (record_id,)).fetchone()
+            if row is None or row[0]:
+                raise NotFoundError(f"record {record_id} was removed")
+            self._check_unheld(db, session, exclusive)
+            db.execute("INSERT OR IGNORE INTO holds VALUES (?, ?)", (session, record_id))
+
+    def check_unheld(self, session: str, record_ids: Iterable[str]) -> None:
+        """`LockedError` when a session other than `session` holds one of the records."""
+        with self._mu, self._mapped():
+            self._check_unheld(self._connection(), session, record_ids)
+
+    @staticmethod
+    def _check_unheld(db: sqlite3.Connection, session: str, record_ids: Iterable[str]) -> None:
+        for record_id in record_ids:
+            row = db.execute(
+                "SELECT session FROM holds WHERE record_id = ? AND session != ? LIMIT 1",
+                (record_id, session),
+            ).fetchone()
+            if row is not None:
+                raise LockedError(f"record {record_id} is locked by another process")
+
+    def unhold(self, session: str, record_id: str) -> None:
+        """Drops the hold of `session` on the record."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM holds WHERE session = ? AND record_id = ?", (session, record_id)
+            )
+
+    def foreign_holds(self, session: str) -> set[str]:
+        """The records that sessions other than `session` hold."""
+        rows = self._query("SELECT DISTINCT record_id FROM holds WHERE session != ?", (session,))
+        return {str(r[0]) for r in rows}
+
+    def claim_removal(self, session: str, record_ids: Iterable[str]) -> bool:
+        """Marks the rows deleted, in one transaction, unless another session holds one of
+        them or a live row outside them is built on one (its parent, or its equal mutable);
+        whether it did. This is where a removal and another process's `hold` are ordered."""
+        ids = sorted(set(record_ids))
+        marks = ", ".join("?" for _ in ids)
+        with self._transaction() as db:
+            held = db.execute(
+                f"SELECT 1 FROM holds WHERE record_id IN ({marks}) AND session != ? LIMIT 1",
+                (*ids, session),
+            ).fetchone()
+            built_on = db.execute(
+                f"SELECT 1 FROM records WHERE NOT deleted AND id NOT IN ({marks}) "
+                f"AND (parent IN ({marks}) OR equal_mutable IN ({marks})) LIMIT 1",
+                (*ids, *ids, *ids),
+            ).fetchone()
+            if held is not None or built_on is not None:
+                return False
+            db.execute(f"UPDATE records SET deleted = 1 WHERE id IN ({marks})", ids)
+        return True
+
+    def twins_of(self, mutable_id: str) -> list[str]:
+        """Live immutable records whose equal mutable is `mutable_id` (a lazy commit)."""
+        rows = self._query(
+            "SELECT id FROM records WHERE equal_mutable = ? AND NOT deleted ORDER BY rowid",
+            (mutable_id,),
+        )
+        return [str(r[0]) for r in rows]
+
+    def live_ids(self) -> list[str]:
+        """Ids of the rows not marked deleted, oldest first."""
+        return [str(r[0]) for r in self._query("SELECT id FROM records WHERE NOT deleted")]
+
+    def foreign_changes(self, known: Iterable[str]) -> set[str] | None:
+        """The records whose rows changed since the last call, when another connection
+        committed meanwhile (else None, at the cost of one pragma); all of `known` when
+        more changed than the log keeps."""
+        with self._mu, self._mapped():
+            db = self._connection()
+            (version,) = db.execute("PRAGMA data_version").fetchone()
+            if version == self._data_version:
+                return None
+            self._data_version = version
+            (first,) = db.execute("SELECT min(seq) FROM changes").fetchone()
+            rows = db.execute(
+                "SELECT seq, record_id FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)
+            ).fetchall()
+        changed = {str(r[1]) for r in rows}
+        if first is not None and first > self._seq + 1:
+            changed.update(known)
+        if rows:
+            self._seq = int(rows[-1][0])
+        return changed
+
+    @contextmanager
+    def exclusive(self, key: str) -> Iterator[None]:
+        """A lock on `key` across processes (an OFD byte-range lock on `records.lock`,
+        dropped by the kernel with the process), waiting for it. Threads of one store share
+        its file description, so they must exclude each other on `key` themselves."""
+        digest = hashlib.blake2b(key.encode(), digest_size=7).digest()
+        offset = int.from_bytes(digest, "big")
+        fd = self._records_lock_fd
+        if fd < 0:
+            raise InvalidError(f"the metadata store {self.path} is closed")
+        fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        try:
+            yield
+        finally:
+            fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+
     def size_on_disk(self) -> int:
         """Bytes the database and its write-ahead log take."""
         total = 0
@@ -641,8 +1012,10 @@ class MetadataStore:
         return total
 
     def close(self) -> None:
+        """Drops this store's session (its holds, then its file) and closes the database."""
+        if self._session:
+            with suppress(CacheError):
+                self.reap([self._session])
         with self._mu:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._close_db()
         self._release_lock()
