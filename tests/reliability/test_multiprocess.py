@@ -136,7 +136,7 @@ def test_sigkill_one_of_several_processes(
             process_errors=len(problems),
         )
         kept_total += len(kept)
-    assert trials.problems == []
+    assert trials.problems == [], "\n".join(trials.problems)
     assert kept_total > 0, "no trial kept a record: the invariants checked nothing"
 
 
@@ -186,5 +186,5 @@ def test_eight_processes_of_four_threads(
         leaks=trials.leaks,
         problems=len(problems),
     )
-    assert problems == []
+    assert problems == [], "\n".join(problems)
     assert kept, "no process kept a record: the invariants checked nothing"
