@@ -86,6 +86,7 @@ RECORDS_LOCK_NAME: Final = "records.lock"
 _CHANGES_KEPT: Final = 10_000
 """How many logged changes are kept; a process further behind reloads all its records."""
 _BUSY_TIMEOUT_MS: Final = 30_000
+_NEW_SESSION_GRACE: Final = 60.0
 _SQLITE_SUFFIXES: Final = ("-wal", "-shm", "-journal")
 LEGACY_SUBDIR: Final = "cache"
 _LOCK_POLL: Final = 0.1
@@ -99,7 +100,6 @@ _SQLITE_BUSY: Final = 5
 _F_OFD_SETLKW: Final = 38
 _FLOCK: Final = struct.Struct("hhqqi4x")
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
-_ID_RE_SESSION: Final = re.compile(r"^[0-9a-z]{25}$")
 
 _COLUMNS: Final = (
     "id",
@@ -341,6 +341,10 @@ class MetadataStore:
         self._session = ""
         self._data_version = 0
         self._seq = 0
+        # The rows as this process last wrote or took them (`track`): an update writes only
+        # the columns that differ, so that it never undoes another process's change of the
+        # others (a finalize, a blob, a size).
+        self._known: dict[str, tuple[object, ...]] = {}
         self._lock_timeout = max(lock_timeout, _EXCLUSIVE_GRACE)
         self._lock_fd = self._lock_directory(self._lock_timeout)
         try:
@@ -741,16 +745,22 @@ class MetadataStore:
         )
         return [r[0] for r in rows]
 
+    def track(self, meta: RecordMeta) -> None:
+        """Takes `meta` as the row this process knows (read from the store, or brought up
+        to date with it): later updates of it write only the columns changed since."""
+        row = _to_row(meta)
+        with self._mu:
+            self._known[meta.id] = row
+
     def insert(self, meta: RecordMeta, *, hold: str = "") -> None:
         """Writes a new row; with `hold`, that session holds it from the same transaction."""
         placeholders = ", ".join("?" for _ in _COLUMNS)
+        row = _to_row(meta)
         with self._transaction() as db:
-            db.execute(
-                f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                _to_row(meta),
-            )
+            db.execute(f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})", row)
             if hold:
                 db.execute("INSERT OR IGNORE INTO holds VALUES (?, ?)", (hold, meta.id))
+            self._known[meta.id] = row
 
     def update(
         self,
@@ -763,17 +773,29 @@ class MetadataStore:
 
         A row that no longer exists is not brought back.
         """
-        assignments = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
         deleted = [(i,) for i in delete]
+        rows = [_to_row(m) for m in metas]
         with self._transaction() as db:
-            db.executemany(
-                f"UPDATE records SET {assignments} WHERE id = ?",
-                [(*_to_row(m)[1:], m.id) for m in metas],
-            )
+            for row in rows:
+                known = self._known.get(str(row[0]))
+                changed = [
+                    i for i in range(1, len(_COLUMNS)) if known is None or row[i] != known[i]
+                ]
+                if changed:
+                    assignments = ", ".join(f"{_COLUMNS[i]} = ?" for i in changed)
+                    db.execute(
+                        f"UPDATE records SET {assignments} WHERE id = ?",
+                        (*(row[i] for i in changed), row[0]),
+                    )
             db.executemany("DELETE FROM records WHERE id = ?", deleted)
             db.executemany("DELETE FROM holds WHERE record_id = ?", deleted)
             if unhold is not None:
                 db.execute("DELETE FROM holds WHERE session = ? AND record_id = ?", unhold)
+            for row in rows:
+                if str(row[0]) in self._known:
+                    self._known[str(row[0])] = row
+            for (record_id,) in deleted:
+                self._known.pop(record_id, None)
 
     def reload(self, meta: RecordMeta) -> None:
         """Puts the stored row back into `meta` in place (after a write that failed)."""
@@ -781,6 +803,8 @@ class MetadataStore:
         if stored is not None:
             for f in dataclasses.fields(stored):
                 setattr(meta, f.name, getattr(stored, f.name))
+            if meta.id in self._known:
+                self.track(meta)
 
     def delete(self, *record_ids: str) -> None:
         """Drops the rows and their external values."""
@@ -873,12 +897,20 @@ class MetadataStore:
             names.add(str(row[0]))
         dead = set()
         for name in names - {self._session}:
-            probe = name[1:-4] if name.startswith(".") and name.endswith(".new") else name
-            if name != probe and not _ID_RE_SESSION.match(probe):
+            if name.startswith(".") and not self._stale_new_session(name):
                 continue
             if not self.session_alive(name):
                 dead.add(name)
         return dead
+
+    def _stale_new_session(self, name: str) -> bool:
+        """Whether `name` is a session file left half made long ago: one being made is
+        unlocked for a moment, and must not be taken for a dead one."""
+        try:
+            st = os.stat(name, dir_fd=self._sessions_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return time.time() - st.st_mtime > _NEW_SESSION_GRACE
 
     def reap(self, sessions: Iterable[str]) -> None:
         """Deletes the holds and the files of dead sessions, and trims the change log."""

@@ -396,6 +396,9 @@ def unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
 def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     core = rec.core
     if not rec.blob_missing():
+        # Pulled by another process (or for another record) meanwhile: this record's lease
+        # holds it too.
+        core.client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
         return
     if dh is None:
         raise NeedsRemoteProvidersError([desc.digest])

@@ -368,10 +368,11 @@ class Manager:
             rec = records.get(record_id)
             if rec is None:
                 continue
-            stored = self._store.get(record_id)
             with rec.mu:
                 if rec.state is not RecordState.LIVE:
                     continue
+                # Read under the record lock: a write of this process's under way is seen.
+                stored = self._store.get(record_id)
                 if stored is None or stored.deleted:
                     rec.forget()
                 else:
@@ -403,6 +404,7 @@ class Manager:
         md = self._store.get(record_id)
         if md is None or md.deleted:
             raise NotFoundError(f"no record {record_id}")
+        self._store.track(md)
         if md.equal_mutable:
             mutable = self._get_record(md.equal_mutable)
             dhs = mutable.parent.desc_handlers if mutable.parent else _NO_HANDLERS

@@ -300,6 +300,7 @@ class _Record:
             self.size_epoch += 1
         for f in dataclasses.fields(stored):
             setattr(md, f.name, getattr(stored, f.name))
+        self.core.store.track(md)
 
     def info(self) -> RefInfo:
         """The record's metadata as the public API shows it. Caller holds `self.mu`."""
