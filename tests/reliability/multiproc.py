@@ -13,8 +13,8 @@ workload.py's operations:
 - `shared_lazy`: `get_by_blob` of chains drawn from a pool of layer blobs that every process
   makes alike from the pool seed, so that several processes reuse, pull, extract and convert
   one lazy blob at once; an extracted chain must hold exactly the pool's files;
-- `hold`: a finalized scratch record, which other processes' prunes select, held for up to a
-  second and then checked to still mount with the tree it had.
+- `hold`: a finalized scratch record, which other processes' prunes select, held and
+  mounted for up to a second, then checked to mount again with the tree it had.
 
 The role weighs the operations: `pruner` prunes most, `holder` never prunes. Every process
 prints `ready`, waits for `DIR/go` so that all start at once, prints `keep <id> <digest>`
@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pyctrd_cache import Compression, DescHandler, ImmutableRef, Manager
 from pyctrd_cache.client import Descriptor
 from tests.layers import TAR, TAR_GZIP, TAR_ZSTD, BytesProvider, layer
-from tests.reliability.workload import Workload, ref_digest
+from tests.reliability.workload import Workload, ref_digest, tree_digest
 
 POOL_SIZE = 8
 GO = "go"
@@ -165,7 +165,8 @@ class SharedWorkload(Workload):
 
     def hold(self, rng: random.Random) -> None:
         """A finalized scratch record (another process's prune selects it once released),
-        held for up to a second, then checked to mount with the tree it had."""
+        held and mounted for up to a second, then checked to mount again with the tree it
+        had."""
         parent = self._kept_parent(rng)
         with parent if parent is not None else contextlib.nullcontext():
             active = self.cm.new(parent, description="held")
@@ -177,10 +178,15 @@ class SharedWorkload(Workload):
             held = active.commit()
         with held:
             held.finalize()
-            before = ref_digest(held)
-            time.sleep(rng.uniform(0.1, 1.0))
-            if (after := ref_digest(held)) != before:
-                raise AssertionError(f"held record {held.id} changed: {before} -> {after}")
+            with held.mount() as root:  # mounted while others prune (and maybe killed so)
+                before = tree_digest(root)
+                time.sleep(rng.uniform(0.1, 1.0))
+                during = tree_digest(root)
+            # A fresh mount: the snapshot must still be there.
+            if not before == during == (after := ref_digest(held)):
+                raise AssertionError(
+                    f"held record {held.id} changed: {before} -> {during} -> {after}"
+                )
 
 
 def main() -> None:
