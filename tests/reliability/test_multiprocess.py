@@ -28,11 +28,11 @@ from tests.reliability.children import WorkloadChild
 from tests.reliability.invariants import Trials
 from tests.reliability.multiproc import GO
 
-TRIALS = tally.scaled(ci=12, long=60)
+TRIALS = tally.scaled(ci=10, long=80)
 SECONDS = 4.0
 SEED = int(os.environ.get("PYCTRD_RELIABILITY_SEED", "6"))
 PROCESSES, THREADS = 8, 4
-WORKLOAD_SECONDS = tally.scaled(ci=12, long=120)
+WORKLOAD_SECONDS = tally.scaled(ci=25, long=120)
 
 
 def start(
