@@ -151,9 +151,10 @@ class Manager:
         once; a record one of them holds is neither pruned nor taken exclusively by
         another. Only a brief exclusive step (creating or migrating the metadata store,
         moving a damaged one aside) makes others wait for it, up to `lock_timeout` seconds
-        but at least 10, logging once who holds it (process id and command), then raise
-        `LockedError` naming the holder. A version before 0.5 holds the directory
-        exclusively while it has it open.
+        but at least 10. A single-process version (schema 1) holds the directory
+        exclusively while it has it open: this call waits up to `lock_timeout` seconds for
+        it, logging once who holds it (process id and command), then raises `LockedError`
+        naming the holder.
 
         The open that finds no other live manager reconciles the store with containerd
         (below); one that finds others only reaps the sessions of dead processes.
