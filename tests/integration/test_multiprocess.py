@@ -4,6 +4,7 @@ real containerd. Processes are sequenced through their pipes, never by sleeping.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 
@@ -130,7 +131,8 @@ def test_two_pullers_of_one_lazy_blob(
 def test_two_converters_of_one_variant(
     daemon: Daemon, managers: Managers, peers: list[Peer], client: Client
 ) -> None:
-    blob, _ = layer({"etc/converted": b"y" * 200_000})
+    # Large enough that the two conversions overlap.
+    blob, _ = layer({f"etc/converted{i}": os.urandom(1 << 20) for i in range(6)})
     cm = managers.open()
     work = cm.new(cache_policy=CachePolicy.RETAIN)
     work.apply(blob)
