@@ -628,7 +628,9 @@ class Manager:
                 chain = chain_id(pmd.chain_id, chain)
                 blob_chain = chain_id(pmd.blob_chain_id, blob_chain)
                 parent_ref.finalize()
-            with self._core.mu:
+            # One process at a time looks for the blob chain and makes its record, so that
+            # two processes getting one blob at once share one record.
+            with self._core.mu, self._store.exclusive(f"blob-chain-{blob_chain}"):
                 self._enter()
                 found = self._find_by_blob_chain(blob_chain, dhs)
                 if found is not None:
