@@ -10,11 +10,13 @@ failure the cache must survive (a power loss may lose the last transactions, nev
 Any number of stores, in any processes, may have one state directory open at once: each
 holds a shared `flock` on the file `lock` for its life. The exclusive lock is taken only
 briefly, for what no other store may see half done (moving a legacy store up, creating or
-migrating the schema, moving a damaged database aside); a store that needs it, or that
-opens while another holds it, waits up to its `lock_timeout` (at least 10 s; logging once
-who holds it: the exclusive holder writes its process id and command line into the lock
-file), then fails with `LockedError`. Writes are short `BEGIN IMMEDIATE` transactions;
-SQLite's busy timeout makes a writer wait for another process's transaction.
+migrating the schema, moving a damaged database aside), and said to be brief in the lock
+file. A store that needs it, or that opens while another holds it, waits up to its
+`lock_timeout` (for a brief hold, at least 10 s), logging once who holds it (the exclusive
+holder writes its process id and command line into the lock file), then fails with
+`LockedError`. A single-process version (metadata schema 1) holds the lock exclusively
+while it is open. Writes are short `BEGIN IMMEDIATE` transactions; SQLite's busy timeout
+makes a writer wait for another process's transaction.
 
 Each open manager is a session: a file `sessions/<id>` on which it holds an exclusive
 `flock` for its life, which the kernel drops when the process dies however it dies. A
@@ -92,6 +94,8 @@ LEGACY_SUBDIR: Final = "cache"
 _LOCK_POLL: Final = 0.1
 _EXCLUSIVE_GRACE: Final = 10.0
 """Seconds an open waits, whatever its `lock_timeout`, for another's brief exclusive step."""
+_BRIEF: Final = "brief"
+"""The lock file's second line while a version that holds it only briefly holds it."""
 _STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
 
 log = logging.getLogger(__name__)
@@ -268,22 +272,24 @@ def _is_full(err: sqlite3.Error) -> bool:
 
 def _lock_file(fd: int, directory: pathlib.Path, timeout: float, *, shared: bool = False) -> None:
     """Takes the lock of `fd`, `directory`'s open lock file (shared or exclusive); waits up
-    to `timeout` seconds, logging once who holds it, else raises `LockedError`."""
-    deadline = time.monotonic() + max(0.0, timeout)
+    to `timeout` seconds (at least `_EXCLUSIVE_GRACE` while the holder says its hold is
+    brief), logging once who holds it, else raises `LockedError`."""
+    start = time.monotonic()
     logged = False
     while True:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            holder = _holder(fd)
-            if time.monotonic() >= deadline:
+            holder, brief = _holder(fd)
+            limit = max(timeout, _EXCLUSIVE_GRACE) if brief else max(0.0, timeout)
+            if time.monotonic() - start >= limit:
                 waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
                 raise LockedError(
                     f"state directory {directory} is in use by another open manager "
                     f"({holder}){waited}"
                 ) from None
-            if not logged:
+            if not logged and not brief:
                 log.warning(
                     "state directory %s is in use (%s); waiting up to %gs for it",
                     directory,
@@ -294,8 +300,9 @@ def _lock_file(fd: int, directory: pathlib.Path, timeout: float, *, shared: bool
             time.sleep(_LOCK_POLL)
 
 
-def _write_holder(fd: int) -> None:
-    """Records this process in the lock file it holds, for those who wait for it."""
+def _write_holder(fd: int, *, brief: bool = False) -> None:
+    """Records this process in the lock file it holds, for those who wait for it; `brief`
+    says that the hold ends soon (they wait for it whatever their timeout)."""
     try:
         with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
             command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -303,20 +310,23 @@ def _write_holder(fd: int) -> None:
         command = ""
     with suppress(OSError):
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n{_BRIEF if brief else ''}\n".encode(), 0)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its exclusive holder wrote it."""
+def _holder(fd: int) -> tuple[str, bool]:
+    """Who holds the lock, as its exclusive holder wrote it, and whether it holds it only
+    briefly."""
     try:
-        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
     except OSError:
         text = ""
-    pid, _, command = text.partition(" ")
+    first, _, rest = text.partition("\n")
+    brief = rest.strip() == _BRIEF
+    pid, _, command = first.strip().partition(" ")
     if not pid.isdigit():
-        return "shared by open managers"
+        return "shared by open managers", brief
     command = "".join(c if c.isprintable() else "?" for c in command)[:200]
-    return f"pid {pid}: {command}" if command else f"pid {pid}"
+    return (f"pid {pid}: {command}" if command else f"pid {pid}"), brief
 
 
 class MetadataStore:
@@ -345,7 +355,7 @@ class MetadataStore:
         # the columns that differ, so that it never undoes another process's change of the
         # others (a finalize, a blob, a size).
         self._known: dict[str, tuple[object, ...]] = {}
-        self._lock_timeout = max(lock_timeout, _EXCLUSIVE_GRACE)
+        self._lock_timeout = lock_timeout
         self._lock_fd = self._lock_directory(self._lock_timeout)
         try:
             self._records_lock_fd = self._open_file(RECORDS_LOCK_NAME, os.O_RDWR | os.O_CREAT)
@@ -408,7 +418,7 @@ class MetadataStore:
             # Back to where the caller was, so that its clean-up finds the lock it had.
             _lock_file(self._lock_fd, self.state_dir, self._lock_timeout, shared=True)
             raise
-        _write_holder(self._lock_fd)
+        _write_holder(self._lock_fd, brief=True)
         try:
             yield
         finally:

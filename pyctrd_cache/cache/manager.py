@@ -151,9 +151,10 @@ class Manager:
         once; a record one of them holds is neither pruned nor taken exclusively by
         another. Only a brief exclusive step (creating or migrating the metadata store,
         moving a damaged one aside) makes others wait for it, up to `lock_timeout` seconds
-        but at least 10, logging once who holds it (process id and command), then raise
-        `LockedError` naming the holder. A version before 0.5 holds the directory
-        exclusively while it has it open.
+        but at least 10. A single-process version (schema 1) holds the directory
+        exclusively while it has it open: this call waits up to `lock_timeout` seconds for
+        it, logging once who holds it (process id and command), then raises `LockedError`
+        naming the holder.
 
         The open that finds no other live manager reconciles the store with containerd
         (below); one that finds others only reaps the sessions of dead processes.
@@ -627,7 +628,9 @@ class Manager:
                 chain = chain_id(pmd.chain_id, chain)
                 blob_chain = chain_id(pmd.blob_chain_id, blob_chain)
                 parent_ref.finalize()
-            with self._core.mu:
+            # One process at a time looks for the blob chain and makes its record, so that
+            # two processes getting one blob at once share one record.
+            with self._core.mu, self._store.exclusive(f"blob-chain-{blob_chain}"):
                 self._enter()
                 found = self._find_by_blob_chain(blob_chain, dhs)
                 if found is not None:

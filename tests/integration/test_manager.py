@@ -19,7 +19,6 @@ from pyctrd_cache import (
     PrunePolicy,
     RecordType,
     UnavailableError,
-    metadata,
 )
 from pyctrd_cache.client import Client, SnapshotKind
 from pyctrd_cache.client.snapshots import SnapshotsService
@@ -390,9 +389,7 @@ def test_readonly_mounts_rewrite_overlay_and_bind_options() -> None:
     ]
 
 
-def test_state_directory_is_private_and_shared(
-    managers: Managers, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_state_directory_is_private_and_shared(managers: Managers) -> None:
     old = os.umask(0)
     try:
         cm = managers.open()
@@ -410,9 +407,7 @@ def test_state_directory_is_private_and_shared(
     other.close()
     assert [p.name for p in sessions.iterdir()] == [cm._core.session]
     cm.close()
-    # A holder of the exclusive lock (a version before 0.5 holds it while open) is waited
-    # for, then refused.
-    monkeypatch.setattr(metadata, "_EXCLUSIVE_GRACE", 0.2)
+    # A holder of the exclusive lock (a single-process version holds it while open) refuses.
     fd = os.open(managers.state_dir / "lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -4,6 +4,7 @@ real containerd. Processes are sequenced through their pipes, never by sleeping.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 
@@ -12,16 +13,18 @@ import pytest
 from pyctrd_cache import CachePolicy, LockedError, Manager, PrunePolicy
 from pyctrd_cache.client import Client
 from pyctrd_cache.metadata import DB_NAME, SCHEMA_VERSION
-from pyctrd_cache.remote import DescHandler
 from tests.checks import gc, owned_leases, snapshot_names
 from tests.fix_containerd import Daemon, Managers
-from tests.layers import BytesProvider, layer
+from tests.layers import layer
 from tests.mp_peer import Peer, PeerError
 from tests.reliability.invariants import check_all
 
 ALL = PrunePolicy(all=True)
 # The layer every process builds the same way (gzip with a fixed time: one digest).
-LAYER_SNIPPET = "blob, desc = layers.layer({'etc/shared': b'x' * 300_000})\n"
+PROVIDER_SNIPPET = (
+    "blob, desc = layers.layer({'etc/shared': b'x' * 300_000})\n"
+    "handlers = {desc.digest: DescHandler(layers.BytesProvider(blob))}"
+)
 
 
 @pytest.fixture
@@ -100,37 +103,39 @@ def test_two_writers_on_one_mutable(daemon: Daemon, managers: Managers, peers: l
 def test_two_pullers_of_one_lazy_blob(
     daemon: Daemon, managers: Managers, peers: list[Peer], client: Client
 ) -> None:
-    blob, desc = layer({"etc/shared": b"x" * 300_000})
+    _, desc = layer({"etc/shared": b"x" * 300_000})
     cm = managers.open()
-    lazy = cm.get_by_blob(desc, desc_handlers={desc.digest: DescHandler(BytesProvider(blob))})
-    lazy_id = lazy.id
-    lazy.release()
     pullers = [_peer(daemon, managers, peers) for _ in range(2)]
+    # Both get the blob at once (one record), then pull and extract it at once (one copy).
+    for peer in pullers:
+        peer.run(PROVIDER_SNIPPET)
     pull = (
-        LAYER_SNIPPET + "handlers = {desc.digest: DescHandler(layers.BytesProvider(blob))}\n"
-        f"ref = cm.get({lazy_id!r}, desc_handlers=handlers)\n"
+        "ref = cm.get_by_blob(desc, desc_handlers=handlers, cache_policy=CachePolicy.RETAIN)\n"
         "ref.extract()\n"
-        "result = ref.is_lazy(), ref.info().snapshot_id\n"
+        "result = ref.id, ref.is_lazy(), ref.info().snapshot_id\n"
         "ref.release()"
     )
     for peer in pullers:
         peer.send(pull)
     answers = [peer.answer() for peer in pullers]
     assert answers[0] == answers[1]
-    assert answers[0][0] is False
+    record_id, lazy, snapshot = answers[0]
+    assert lazy is False
     assert [c.digest for c in client.content.list() if c.digest == desc.digest] == [desc.digest]
     assert client.content.list_statuses() == []  # no ingest left half written
-    assert sorted(snapshot_names(client)) == [answers[0][1]]
+    assert snapshot_names(client) == [snapshot]
     # The blob is held by the record's lease: a collection keeps it.
     gc(client)
     client.content.info(desc.digest)
-    assert cm.get(lazy_id).is_lazy() is False
+    assert [u.id for u in cm.disk_usage()] == [record_id]
+    assert cm.get(record_id).is_lazy() is False
 
 
 def test_two_converters_of_one_variant(
     daemon: Daemon, managers: Managers, peers: list[Peer], client: Client
 ) -> None:
-    blob, _ = layer({"etc/converted": b"y" * 200_000})
+    # Large enough that the two conversions overlap.
+    blob, _ = layer({f"etc/converted{i}": os.urandom(1 << 20) for i in range(6)})
     cm = managers.open()
     work = cm.new(cache_policy=CachePolicy.RETAIN)
     work.apply(blob)

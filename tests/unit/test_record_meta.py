@@ -75,3 +75,45 @@ def test_a_value_no_version_writes_is_a_damaged_store(
             store.get("x")
     finally:
         store.close()
+
+
+def test_an_update_writes_only_the_columns_this_store_changed(tmp_path: pathlib.Path) -> None:
+    # Two stores on one directory, as two processes have them: one's write of a column must
+    # not undo the other's change of another column (a finalize there, a size here).
+    mine, theirs = MetadataStore(tmp_path), MetadataStore(tmp_path)
+    try:
+        md = RecordMeta("r", equal_mutable="m", snapshot_id="m")
+        mine.insert(md)
+        finalized = theirs.get("r")
+        assert finalized is not None
+        theirs.track(finalized)
+        finalized.equal_mutable, finalized.snapshot_id = "", "r"
+        theirs.update(finalized)
+        md.size = 42  # still the stale row in memory here
+        mine.update(md)
+        assert mine.get("r") == RecordMeta("r", snapshot_id="r", size=42)
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_holds_of_other_sessions_block_removal_until_reaped(tmp_path: pathlib.Path) -> None:
+    mine, theirs = MetadataStore(tmp_path), MetadataStore(tmp_path)
+    try:
+        mine.open_session("a" * 25)
+        theirs.open_session("b" * 25)
+        mine.insert(RecordMeta("r"))
+        theirs.hold("b" * 25, "r")
+        assert mine.foreign_holds("a" * 25) == {"r"}
+        assert mine.claim_removal("a" * 25, ["r"]) is False
+        assert mine.dead_sessions() == set()
+    finally:
+        theirs.close()  # its session ends: its holds and file go
+    try:
+        assert mine.foreign_holds("a" * 25) == set()
+        assert mine.claim_removal("a" * 25, ["r"]) is True
+        stored = mine.get("r")
+        assert stored is not None
+        assert stored.deleted
+    finally:
+        mine.close()
