@@ -1,9 +1,10 @@
 """Several processes on one state directory (issue 20), through the public API only: each
 worker process (spawned) opens the same state directory with `Manager.open`.
 
-- The new → commit → finalize → release cycle, and hot get/release of a record of the
-  worker's own, with 1, 2 and 4 processes at once: each a total throughput, and its ratio to
-  the single-process figure of the same run. The workers start together on a barrier after
+- The new → commit → finalize → release cycle, the bare containerd calls it needs (made with
+  the thin client, as bench_core's floor), and hot get/release of a record of the worker's
+  own, with 1, 2 and 4 processes at once: each a total throughput, and its ratio to the
+  single-process figure of the same run. The workers start together on a barrier after
   a warm-up; a cycle worker's time includes the `close` that waits for its background
   removals. The orders of the process counts and of the two operations alternate from round
   to round; the figures are medians over the rounds.
@@ -22,17 +23,20 @@ import pathlib
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from bench.run import Row, _probe_gets
+from bench.run import SNAPSHOTTER, Row, _probe_gets
 from pyctrd_cache import CachePolicy, Manager, PrunePolicy, RecordType
+from pyctrd_cache.client import Client
 
 COUNTS = (1, 2, 4)
 NAMESPACE = "bench-procs"
+FLOOR_NAMESPACE = "bench-procs-floor"
 PRUNED = 1000
 
 
@@ -45,6 +49,8 @@ class _Worker:
         self.state_dir = state_dir
         self.barriers = barriers
         self.cm: Manager | None = None
+        self.client: Client | None = None
+        self.floor_leases: list[str] = []
         self.hot_id = ""
         self.probe_done = threading.Event()
         self.latencies: list[float] = []
@@ -72,6 +78,27 @@ class _Worker:
             snap.finalize()
             snap.release()
 
+    def bare(self, n: int) -> None:
+        """The containerd calls of `n` cycles made bare with the thin client (as
+        bench_core's floor), in a namespace of their own."""
+        if self.client is None:
+            self.client = Client(self.address, namespace=FLOOR_NAMESPACE)
+        for _ in range(n):
+            mutable, immutable = f"m-{uuid.uuid4().hex}", f"i-{uuid.uuid4().hex}"
+            self.client.leases.create(mutable, flat=True)
+            self.client.with_lease(mutable).snapshots(SNAPSHOTTER).prepare(mutable)
+            self.client.leases.create(immutable, flat=True)
+            self.client.with_lease(immutable).snapshots(SNAPSHOTTER).commit(immutable, mutable)
+            self.client.leases.delete(mutable)
+            self.floor_leases.append(immutable)
+
+    def clean_bare(self) -> None:
+        """Deletes what `bare` made; the last deletion waits for the collection."""
+        assert self.client is not None
+        for i, lease in enumerate(self.floor_leases):
+            self.client.leases.delete(lease, sync=i == len(self.floor_leases) - 1)
+        self.floor_leases = []
+
     def get_release(self, n: int) -> None:
         cm = self.manager()
         for _ in range(n):
@@ -80,8 +107,8 @@ class _Worker:
     def timed(self, what: str, parties: int, seconds: float) -> tuple[int, float]:
         """Operations done in `seconds` from the barrier of `parties`, and the seconds they
         took (a cycle worker's include the `close` that waits for its removals)."""
-        op = self.cycle if what == "cycle" else self.get_release
-        batch = 1 if what == "cycle" else 20
+        op = {"cycle": self.cycle, "bare": self.bare, "hot": self.get_release}[what]
+        batch = 20 if what == "hot" else 1
         op(batch * 3)  # warm-up
         self.barriers[parties].wait(120)
         started = time.perf_counter()
@@ -121,6 +148,9 @@ class _Worker:
         if self.cm is not None:
             self.cm.close()
             self.cm = None
+        if self.client is not None and not self.floor_leases:
+            self.client.close()
+            self.client = None
 
 
 def _serve(conn: Connection, address: str, state_dir: str, barriers: dict[int, Barrier]) -> None:
@@ -181,12 +211,15 @@ def bench(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Ro
             pool.ask([w], "open")
         rates: dict[tuple[str, int], list[float]] = {}
         for r in range(rounds):
-            for what in ("cycle", "hot")[:: 1 if r % 2 else -1]:
+            for what in ("bare", "cycle", "hot")[:: 1 if r % 2 else -1]:
                 for parties in COUNTS[:: -1 if r % 2 else 1]:
                     rate = _throughput(pool, what, parties, seconds)
                     rates.setdefault((what, parties), []).append(rate)
+                    # What the stretch made goes outside the timing.
                     if what == "cycle":
-                        pool.ask([0], "prune")  # the cycles' records, outside the timing
+                        pool.ask([0], "prune")
+                    elif what == "bare":
+                        pool.ask(range(parties), "clean_bare")
         same: list[list[float]] = []
         other: list[list[float]] = []
         prunes: list[float] = []
@@ -205,11 +238,21 @@ def bench(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Ro
 
     rows: list[Row] = []
     median = {key: statistics.median(values) for key, values in rates.items()}
+    one = median[("bare", 1)]
+    rows.append(Row("bare containerd calls of the cycle, 1 process", f"{one:,.0f} cycles/s", ""))
+    for n in COUNTS[1:]:
+        total = median[("bare", n)]
+        rows.append(
+            Row(f"  {n} processes, total", f"{total:,.0f} cycles/s", f"{total / one:.2f}x one")
+        )
     one = median[("cycle", 1)]
     rows.append(Row("new → commit → finalize → release, 1 process", f"{one:,.0f} cycles/s", ""))
     for n in COUNTS[1:]:
         total = median[("cycle", n)]
-        note = f"{total / one:.2f}x one process" + ("; goal ≥ 2x" if n == 4 else "")
+        note = (
+            f"{total / one:.2f}x one process; cost ratio to the bare calls at {n}: "
+            f"{median[('bare', n)] / total:.2f}x" + ("; goal ≥ 2x one" if n == 4 else "")
+        )
         rows.append(Row(f"  {n} processes, total", f"{total:,.0f} cycles/s", note))
     one = median[("hot", 1)]
     rows.append(Row("hot get/release, 1 process", f"{one:,.0f} ops/s", ""))
