@@ -436,7 +436,7 @@ class Manager:
                     raise LockedError(f"record {record_id} is locked")
                 if rec.equal_immutable is not None:
                     return rec.equal_immutable._rec.ref(trigger_last_used, dhs)
-                self._store.check_unheld(self._core.session, [record_id])
+                self._store.check_unheld([record_id])
                 return rec.commit(rec.mref(trigger_last_used, dhs))
             return rec.ref(trigger_last_used, dhs)
 
@@ -513,9 +513,12 @@ class Manager:
             # The row comes first: `open` drops a row whose lease or snapshot never came.
             with self._core.mu:
                 self._core.creating.add(record_id)
+            # Held before its row exists: another process's prune never claims it.
+            self._store.hold_new(record_id)
             try:
-                self._store.insert(md, hold=self._core.session)
+                self._store.insert(md)
             except BaseException:
+                self._store.unhold(record_id)
                 with self._core.mu:
                     self._core.creating.discard(record_id)
                 raise
@@ -532,14 +535,15 @@ class Manager:
                     rec = _Record(self._core, md, mutable=True, parent=parent_ref)
                     self._core.records[record_id] = rec
                     with rec.mu:
+                        rec.take_hold(new=True)
                         ref = rec.mref(True, dhs)
-                        rec.holders = 1
                         ref._held = True
                         return ref
             except BaseException:
                 with self._core.mu:
                     self._core.creating.discard(record_id)
                 self._drop_unborn(record_id)
+                self._store.unhold(record_id)
                 raise
         except BaseException:
             if parent_ref is not None:
@@ -720,10 +724,13 @@ class Manager:
                 record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
             )
             self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
+            # Held before its row is live: another process's prune never claims it.
+            self._store.hold_new(record_id)
             md.deleted = False
             self._store.update(md)
         except BaseException:
             self._drop_unborn(record_id)
+            self._store.unhold(record_id)
             raise
         rec = _Record(self._core, md, mutable=False, parent=parent_ref)
         self._core.records[record_id] = rec
@@ -782,17 +789,17 @@ class Manager:
                 twin = rec.equal_immutable
                 if twin is not None and twin._rec.refs:
                     raise LockedError(f"record {record_id} is locked")
-                # Exclusive across processes: no other session holds it or its twin.
-                rec.take_hold(exclusive=[record_id, *twins])
+                # Exclusive across processes: no other process holds it or its twin.
+                rec.take_hold(exclusive=twins)
+                ref = rec.mref(True, _NO_HANDLERS)
+                ref._held = True
                 if twin is not None:
                     rec.equal_immutable = None
                     if not twin._rec.remove():
                         rec.equal_immutable = twin
-                        self._store.unhold(self._core.session, record_id)
-                        rec.holders -= 1
+                        rec.refs.discard(ref)
+                        rec.drop_hold(ref)
                         raise LockedError(f"record {record_id} is locked by another process")
-                ref = rec.mref(True, _NO_HANDLERS)
-                ref._held = True
                 return ref
 
     @contextlib.contextmanager
@@ -927,7 +934,7 @@ class Manager:
         with self._core.mu:
             self._enter()
             self._load_all()
-            foreign = self._store.foreign_holds(self._core.session)
+            foreign = set(self._store.held_elsewhere(list(self._core.records)))
             for rec in list(self._core.records.values()):
                 with rec.mu:
                     if rec.is_dead():
@@ -1077,7 +1084,8 @@ class Manager:
             )
         ranked = bool(keep)
 
-        foreign = self._store.foreign_holds(self._core.session)
+        with self._core.mu:
+            foreign = set(self._store.held_elsewhere(list(self._core.records)))
 
         def prunable(rec: _Record) -> bool:
             return self._prunable(rec, policy, match, cut_off, checker, gone, foreign)
@@ -1166,7 +1174,7 @@ class Manager:
                     size += snapshot_usage  # a linked snapshot goes with its last holder
             info = self._usage_info(rec.info(), 0, size=max(0, size), shared=False)
             if not dry_run and not self._store.claim_removal(
-                self._core.session, [rec.id] + ([twin.id] if twin is not None else [])
+                [rec.id] + ([twin.id] if twin is not None else [])
             ):
                 return None  # another process holds it or built on it meanwhile
             gone.add(rec, twin, info.size)
