@@ -21,8 +21,9 @@ makes a writer wait for another process's transaction.
 Each open manager is a session: a file `sessions/<id>` on which it holds an exclusive
 `flock` for its life, which the kernel drops when the process dies however it dies. A
 session is dead when another process can lock its file; `reap` deletes its file. Every
-change of a record row is logged in `changes` (by triggers), which the other processes read
-to bring the records they keep in memory up to date (`foreign_changes`).
+change of a record row but of its last use is logged in `changes` (by triggers), which the
+other processes read to bring the records they keep in memory up to date
+(`foreign_changes`); the last uses are read whole when they matter (`usage_times`).
 
 Locks across processes are OFD byte-range locks on one byte each of `records.lock` (at an
 offset hashed from a key), which the kernel drops with the process too: `exclusive(key)`
@@ -191,7 +192,11 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
         """,
         """
-        CREATE TRIGGER records_updated AFTER UPDATE ON records
+        CREATE TRIGGER records_updated AFTER UPDATE OF
+            committed, parent, equal_mutable, snapshot_id, size, cache_policy, description,
+            created_at, layer_type, record_type, diff_id, chain_id, blob_chain_id, blob,
+            blob_only, media_type, blob_size, image_refs, deleted
+        ON records
         BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
         """,
         """
@@ -934,12 +939,13 @@ class MetadataStore:
 
     # Holds: a read lock on the record's byte while this process has handles on it.
 
-    def hold(self, record_id: str, *, exclusive: Iterable[str] | None = None) -> None:
+    def hold(self, record_id: str, *, exclusive: Iterable[str] | None = None) -> bool:
         """Holds the record for this process (a read lock on its byte): `NotFoundError`
         when its row is gone or marked deleted. With `exclusive`, the hold is a write lock,
         and `LockedError` when another process holds the record or one of `exclusive`. A
         hold waits briefly for a removal's claim to end, and an exclusive holder is
-        `LockedError`."""
+        `LockedError`. Whether another process wrote since `foreign_changes` last looked:
+        when none did, the row is as the caller knows it and is not read."""
         byte = _hold_offset(record_id)
         if exclusive is None:
             self._lock_byte(byte, fcntl.F_RDLCK, wait=_CLAIM_WAIT, record_id=record_id)
@@ -949,13 +955,21 @@ class MetadataStore:
                 self._unlock_byte(byte)
                 raise LockedError(f"record {record_id} is locked by another process")
         try:
-            row = self._query("SELECT deleted FROM records WHERE id = ?", (record_id,))
+            with self._mu, self._mapped():
+                db = self._connection()
+                (version,) = db.execute("PRAGMA data_version").fetchone()
+                if version == self._data_version:
+                    return False
+                row = db.execute(
+                    "SELECT deleted FROM records WHERE id = ?", (record_id,)
+                ).fetchone()
         except BaseException:
             self._unlock_byte(byte)
             raise
-        if not row or row[0][0]:
+        if row is None or row[0]:
             self._unlock_byte(byte)
             raise NotFoundError(f"record {record_id} was removed")
+        return True
 
     def hold_new(self, record_id: str) -> None:
         """Holds a record whose row this process has just written."""
@@ -1049,6 +1063,12 @@ class MetadataStore:
             (mutable_id,),
         )
         return [str(r[0]) for r in rows]
+
+    def usage_times(self) -> dict[str, tuple[int | None, int]]:
+        """Each row's last use and use count, which the change log leaves out (a hot
+        release writes them)."""
+        rows = self._query("SELECT id, last_used_at, usage_count FROM records")
+        return {str(r[0]): (r[1], int(r[2])) for r in rows}
 
     def live_ids(self) -> list[str]:
         """Ids of the rows not marked deleted, oldest first."""

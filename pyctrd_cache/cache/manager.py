@@ -380,11 +380,19 @@ class Manager:
                     rec.refresh(stored)
 
     def _load_all(self) -> None:
-        """Loads the live records other processes made since. The manager lock is held."""
+        """Loads the live records other processes made since, and takes the last uses they
+        counted (which the change log leaves out). The manager lock is held."""
         for record_id in self._store.live_ids():
             if record_id not in self._core.records and record_id not in self._core.creating:
                 with contextlib.suppress(NotFoundError):
                     self._get_record(record_id)
+        times = self._store.usage_times()
+        for rec in list(self._core.records.values()):
+            used = times.get(rec.id)
+            with rec.mu:
+                if used is not None and used != (rec.md.last_used_at, rec.md.usage_count):
+                    rec.md.last_used_at, rec.md.usage_count = used
+                    self._store.track(rec.md)
 
     def _enter(self) -> None:
         """The start of every operation on the records: the manager is open and its records
@@ -441,14 +449,19 @@ class Manager:
             return rec.ref(trigger_last_used, dhs)
 
     def _hold(self, ref: ImmutableRef) -> None:
-        """Makes `ref` the caller's handle (held in the store); on failure it is released.
-        The manager lock is held."""
+        """Makes `ref` the caller's handle (held across processes); on failure it is
+        released. When another process wrote meanwhile, the records are brought up to date
+        first, and a record removed there is `NotFoundError`. The manager lock is held."""
         rec = ref._rec
         try:
             with rec.mu:
-                if not ref._held:
-                    rec.take_hold()
-                    ref._held = True
+                wrote = rec.take_hold()
+                ref._held = True
+            if wrote:
+                self._sync()
+                with rec.mu:
+                    if rec.is_dead():
+                        raise NotFoundError(f"record {rec.id} was removed")
         except BaseException:
             ref.trigger_last_used = False
             ref._release_locked()
@@ -562,7 +575,9 @@ class Manager:
         handler in `desc_handlers`."""
         _validate.record_id(record_id)
         with self._core.mu:
-            self._enter()
+            # No sync first: the hold brings the records up to date when another process
+            # wrote (one pragma when none did), and a record held already cannot go.
+            self._core.check_open()
             ref = self._get(
                 record_id, trigger_last_used=update_last_used, dhs=desc_handlers or _NO_HANDLERS
             )

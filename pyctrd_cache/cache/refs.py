@@ -250,17 +250,20 @@ class _Record:
 
     # Holds: another process may remove or take exclusively no record this process holds.
 
-    def take_hold(self, *, exclusive: Iterable[str] | None = None, new: bool = False) -> None:
+    def take_hold(self, *, exclusive: Iterable[str] | None = None, new: bool = False) -> bool:
         """Counts one more caller's handle (the caller marks it `_held`); the first one holds
         the record across processes (`MetadataStore.hold`: `NotFoundError` when another
         process removed it; with `exclusive`, `LockedError` when another holds it or one of
-        those). `new`: the row was just written by this process. Caller holds `self.mu`."""
+        those). `new`: the row was just written by this process. Whether another process
+        wrote since the records were last brought up to date. Caller holds `self.mu`."""
+        wrote = False
         if self.holders == 0:
             if new:
                 self.core.store.hold_new(self.id)
             else:
-                self.core.store.hold(self.id, exclusive=exclusive)
+                wrote = self.core.store.hold(self.id, exclusive=exclusive)
         self.holders += 1
+        return wrote
 
     def drop_hold(self, ref: Ref) -> None:
         """Uncounts `ref`; with the last caller's handle the hold goes. Caller holds

@@ -110,6 +110,7 @@ def test_a_hold_of_another_store_blocks_removal_until_it_ends(tmp_path: pathlib.
             mine.hold("r", exclusive=())
     finally:
         theirs.close()  # its process ends: so do its locks
+    later = MetadataStore(tmp_path)
     try:
         assert mine.held_elsewhere(["r"]) == []
         assert mine.claim_removal(["r"]) is True
@@ -117,6 +118,8 @@ def test_a_hold_of_another_store_blocks_removal_until_it_ends(tmp_path: pathlib.
         assert stored is not None
         assert stored.deleted
         with pytest.raises(NotFoundError):
-            mine.hold("r")
+            later.hold("r")  # it sees the claim another store committed
+        assert mine.held_elsewhere(["r"]) == []  # the refused hold was given up
     finally:
         mine.close()
+        later.close()
