@@ -20,12 +20,15 @@ makes a writer wait for another process's transaction.
 
 Each open manager is a session: a file `sessions/<id>` on which it holds an exclusive
 `flock` for its life, which the kernel drops when the process dies however it dies. A
-session is dead when another process can lock its file. Its holds (rows of `holds`: the
-records it has handles on) count only while it lives; `reap` deletes a dead session's holds
-and its file. Every change of a record row is logged in `changes` (by triggers), which the
+session is dead when another process can lock its file; `reap` deletes its file. Every
+change of a record row but of its last use is logged in `changes` (by triggers), which the
 other processes read to bring the records they keep in memory up to date
-(`foreign_changes`). `exclusive(key)` is a lock across processes (an OFD byte-range lock on
-`records.lock`), which the kernel also drops with the process.
+(`foreign_changes`); the last uses are read whole when they matter (`usage_times`).
+
+Locks across processes are OFD byte-range locks on one byte each of `records.lock` (at an
+offset hashed from a key), which the kernel drops with the process too: `exclusive(key)`
+serializes work, and the holds are read locks on a record's byte (`hold`), which a removal
+must turn into a write lock to claim the record (`claim_removal`).
 
 Before version 0.2 the command line kept its store in `STATE_DIR/cache`; opening `STATE_DIR`
 moves such a store up into it (under both locks), so that scripts and the command line see
@@ -101,7 +104,11 @@ _STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
 log = logging.getLogger(__name__)
 _SQLITE_FULL: Final = 13
 _SQLITE_BUSY: Final = 5
+_F_OFD_GETLK: Final = 36
+_F_OFD_SETLK: Final = 37
 _F_OFD_SETLKW: Final = 38
+_CLAIM_WAIT: Final = 0.5
+"""Seconds a hold waits for another process's claim of the record (a transaction)."""
 _FLOCK: Final = struct.Struct("hhqqi4x")
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 
@@ -179,21 +186,17 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # Version 2: several processes share one state directory.
     (
-        """
-        CREATE TABLE holds (
-            session TEXT NOT NULL,
-            record_id TEXT NOT NULL,
-            PRIMARY KEY (session, record_id)
-        ) WITHOUT ROWID
-        """,
-        "CREATE INDEX holds_record ON holds (record_id)",
         "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT NOT NULL)",
         """
         CREATE TRIGGER records_inserted AFTER INSERT ON records
         BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
         """,
         """
-        CREATE TRIGGER records_updated AFTER UPDATE ON records
+        CREATE TRIGGER records_updated AFTER UPDATE OF
+            committed, parent, equal_mutable, snapshot_id, size, cache_policy, description,
+            created_at, layer_type, record_type, diff_id, chain_id, blob_chain_id, blob,
+            blob_only, media_type, blob_size, image_refs, deleted
+        ON records
         BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
         """,
         """
@@ -268,6 +271,15 @@ def _from_row(row: sqlite3.Row) -> RecordMeta:
 
 def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
+
+
+def _offset(key: str) -> int:
+    """The byte of `records.lock` that stands for `key`."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
+
+
+def _hold_offset(record_id: str) -> int:
+    return _offset(f"hold-{record_id}")
 
 
 def _lock_file(fd: int, directory: pathlib.Path, timeout: float, *, shared: bool = False) -> None:
@@ -762,24 +774,21 @@ class MetadataStore:
         with self._mu:
             self._known[meta.id] = row
 
-    def insert(self, meta: RecordMeta, *, hold: str = "") -> None:
-        """Writes a new row; with `hold`, that session holds it from the same transaction."""
+    def insert(self, meta: RecordMeta) -> None:
+        """Writes a new row."""
         placeholders = ", ".join("?" for _ in _COLUMNS)
         row = _to_row(meta)
         with self._transaction() as db:
             db.execute(f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})", row)
-            if hold:
-                db.execute("INSERT OR IGNORE INTO holds VALUES (?, ?)", (hold, meta.id))
             self._known[meta.id] = row
 
     def update(
         self,
         *metas: RecordMeta,
         delete: Iterable[str] = (),
-        unhold: tuple[str, str] | None = None,
     ) -> None:
-        """Rewrites existing rows and drops the rows `delete` (and every hold on them), and
-        the hold `unhold` (session, record id), in one transaction.
+        """Rewrites existing rows (the columns changed since this store knew them) and drops
+        the rows `delete`, in one transaction.
 
         A row that no longer exists is not brought back.
         """
@@ -798,9 +807,6 @@ class MetadataStore:
                         (*(row[i] for i in changed), row[0]),
                     )
             db.executemany("DELETE FROM records WHERE id = ?", deleted)
-            db.executemany("DELETE FROM holds WHERE record_id = ?", deleted)
-            if unhold is not None:
-                db.execute("DELETE FROM holds WHERE session = ? AND record_id = ?", unhold)
             for row in rows:
                 if str(row[0]) in self._known:
                     self._known[str(row[0])] = row
@@ -898,13 +904,11 @@ class MetadataStore:
             return []
 
     def dead_sessions(self) -> set[str]:
-        """Sessions that left a file or holds behind and whose process is gone."""
+        """Sessions that left a file behind and whose process is gone."""
         try:
             names = set(os.listdir(self._sessions_fd))
         except OSError:
             names = set()
-        for row in self._query("SELECT DISTINCT session FROM holds"):
-            names.add(str(row[0]))
         dead = set()
         for name in names - {self._session}:
             if name.startswith(".") and not self._stale_new_session(name):
@@ -923,10 +927,8 @@ class MetadataStore:
         return time.time() - st.st_mtime > _NEW_SESSION_GRACE
 
     def reap(self, sessions: Iterable[str]) -> None:
-        """Deletes the holds and the files of dead sessions, and trims the change log."""
-        sessions = sorted(sessions)
+        """Deletes the files of dead sessions, and trims the change log."""
         with self._transaction() as db:
-            db.executemany("DELETE FROM holds WHERE session = ?", [(s,) for s in sessions])
             db.execute(
                 "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
                 (_CHANGES_KEPT,),
@@ -935,66 +937,124 @@ class MetadataStore:
             with suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self._sessions_fd)
 
-    # Holds: the records each session has handles on.
+    # Holds: a read lock on the record's byte while this process has handles on it.
 
-    def hold(self, session: str, record_id: str, *, exclusive: Iterable[str] = ()) -> None:
-        """Records that `session` has a handle on the record: `NotFoundError` when its row
-        is gone or marked deleted, `LockedError` when another session holds one of the
-        records `exclusive`."""
-        with self._transaction() as db:
-            row = db.execute("SELECT deleted FROM records WHERE id = ?", (record_id,)).fetchone()
-            if row is None or row[0]:
-                raise NotFoundError(f"record {record_id} was removed")
-            self._check_unheld(db, session, exclusive)
-            db.execute("INSERT OR IGNORE INTO holds VALUES (?, ?)", (session, record_id))
-
-    def check_unheld(self, session: str, record_ids: Iterable[str]) -> None:
-        """`LockedError` when a session other than `session` holds one of the records."""
-        with self._mu, self._mapped():
-            self._check_unheld(self._connection(), session, record_ids)
-
-    @staticmethod
-    def _check_unheld(db: sqlite3.Connection, session: str, record_ids: Iterable[str]) -> None:
-        for record_id in record_ids:
-            row = db.execute(
-                "SELECT session FROM holds WHERE record_id = ? AND session != ? LIMIT 1",
-                (record_id, session),
-            ).fetchone()
-            if row is not None:
+    def hold(self, record_id: str, *, exclusive: Iterable[str] | None = None) -> bool:
+        """Holds the record for this process (a read lock on its byte): `NotFoundError`
+        when its row is gone or marked deleted. With `exclusive`, the hold is a write lock,
+        and `LockedError` when another process holds the record or one of `exclusive`. A
+        hold waits briefly for a removal's claim to end, and an exclusive holder is
+        `LockedError`. Whether another process wrote since `foreign_changes` last looked:
+        when none did, the row is as the caller knows it and is not read."""
+        byte = _hold_offset(record_id)
+        if exclusive is None:
+            self._lock_byte(byte, fcntl.F_RDLCK, wait=_CLAIM_WAIT, record_id=record_id)
+        else:
+            self._lock_byte(byte, fcntl.F_WRLCK, wait=0.0, record_id=record_id)
+            if self.held_elsewhere(exclusive):
+                self._unlock_byte(byte)
                 raise LockedError(f"record {record_id} is locked by another process")
-
-    def unhold(self, session: str, record_id: str) -> None:
-        """Drops the hold of `session` on the record."""
-        with self._transaction() as db:
-            db.execute(
-                "DELETE FROM holds WHERE session = ? AND record_id = ?", (session, record_id)
-            )
-
-    def foreign_holds(self, session: str) -> set[str]:
-        """The records that sessions other than `session` hold."""
-        rows = self._query("SELECT DISTINCT record_id FROM holds WHERE session != ?", (session,))
-        return {str(r[0]) for r in rows}
-
-    def claim_removal(self, session: str, record_ids: Iterable[str]) -> bool:
-        """Marks the rows deleted, in one transaction, unless another session holds one of
-        them or a live row outside them is built on one (its parent, or its equal mutable);
-        whether it did. This is where a removal and another process's `hold` are ordered."""
-        ids = sorted(set(record_ids))
-        marks = ", ".join("?" for _ in ids)
-        with self._transaction() as db:
-            held = db.execute(
-                f"SELECT 1 FROM holds WHERE record_id IN ({marks}) AND session != ? LIMIT 1",
-                (*ids, session),
-            ).fetchone()
-            built_on = db.execute(
-                f"SELECT 1 FROM records WHERE NOT deleted AND id NOT IN ({marks}) "
-                f"AND (parent IN ({marks}) OR equal_mutable IN ({marks})) LIMIT 1",
-                (*ids, *ids, *ids),
-            ).fetchone()
-            if held is not None or built_on is not None:
-                return False
-            db.execute(f"UPDATE records SET deleted = 1 WHERE id IN ({marks})", ids)
+        try:
+            with self._mu, self._mapped():
+                db = self._connection()
+                (version,) = db.execute("PRAGMA data_version").fetchone()
+                if version == self._data_version:
+                    return False
+                row = db.execute(
+                    "SELECT deleted FROM records WHERE id = ?", (record_id,)
+                ).fetchone()
+        except BaseException:
+            self._unlock_byte(byte)
+            raise
+        if row is None or row[0]:
+            self._unlock_byte(byte)
+            raise NotFoundError(f"record {record_id} was removed")
         return True
+
+    def hold_new(self, record_id: str) -> None:
+        """Holds a record whose row this process has just written."""
+        self._lock_byte(_hold_offset(record_id), fcntl.F_RDLCK, wait=0.0, record_id=record_id)
+
+    def unhold(self, record_id: str) -> None:
+        """Drops this process's hold on the record."""
+        self._unlock_byte(_hold_offset(record_id))
+
+    def check_unheld(self, record_ids: Iterable[str]) -> None:
+        """`LockedError` when another process holds one of the records."""
+        for record_id in self.held_elsewhere(record_ids):
+            raise LockedError(f"record {record_id} is locked by another process")
+
+    def held_elsewhere(self, record_ids: Iterable[str]) -> list[str]:
+        """The records among `record_ids` that another process holds (one `F_OFD_GETLK`
+        each)."""
+        fd = self._lock_fd_for_records()
+        held = []
+        for record_id in record_ids:
+            probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _hold_offset(record_id), 1, 0)
+            if _FLOCK.unpack(fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
+                held.append(record_id)
+        return held
+
+    def claim_removal(self, record_ids: Iterable[str]) -> bool:
+        """Marks the rows deleted unless another process holds one of them (write locks on
+        their bytes, taken without waiting) or a live row outside them is built on one (its
+        parent, or its equal mutable); whether it did. The write locks order a removal with
+        another process's `hold`: the hold waits for the claim, then finds the row deleted."""
+        ids = sorted(set(record_ids))
+        taken: list[int] = []
+        try:
+            for record_id in ids:
+                byte = _hold_offset(record_id)
+                try:
+                    self._lock_byte(byte, fcntl.F_WRLCK, wait=0.0, record_id=record_id)
+                except LockedError:
+                    return False
+                taken.append(byte)
+            marks = ", ".join("?" for _ in ids)
+            with self._transaction() as db:
+                built_on = db.execute(
+                    f"SELECT 1 FROM records WHERE NOT deleted AND id NOT IN ({marks}) "
+                    f"AND (parent IN ({marks}) OR equal_mutable IN ({marks})) LIMIT 1",
+                    (*ids, *ids, *ids),
+                ).fetchone()
+                if built_on is not None:
+                    return False
+                db.execute(f"UPDATE records SET deleted = 1 WHERE id IN ({marks})", ids)
+                for record_id in ids:
+                    known = self._known.get(record_id)
+                    if known is not None:
+                        self._known[record_id] = (*known[:-1], True)
+            return True
+        finally:
+            for byte in taken:
+                self._unlock_byte(byte)
+
+    def _lock_fd_for_records(self) -> int:
+        if self._records_lock_fd < 0:
+            raise InvalidError(f"the metadata store {self.path} is closed")
+        return self._records_lock_fd
+
+    def _lock_byte(self, offset: int, kind: int, *, wait: float, record_id: str) -> None:
+        """Takes a lock on one byte of `records.lock` without blocking, trying again for
+        up to `wait` seconds; `LockedError` when another process keeps a conflicting one."""
+        fd = self._lock_fd_for_records()
+        request = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.fcntl(fd, _F_OFD_SETLK, request)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise CacheError(f"cannot lock {RECORDS_LOCK_NAME}: {err.strerror}") from None
+            if time.monotonic() >= deadline:
+                raise LockedError(f"record {record_id} is locked by another process")
+            time.sleep(0.001)
+
+    def _unlock_byte(self, offset: int) -> None:
+        fd = self._records_lock_fd
+        if fd >= 0:
+            fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
 
     def twins_of(self, mutable_id: str) -> list[str]:
         """Live immutable records whose equal mutable is `mutable_id` (a lazy commit)."""
@@ -1003,6 +1063,12 @@ class MetadataStore:
             (mutable_id,),
         )
         return [str(r[0]) for r in rows]
+
+    def usage_times(self) -> dict[str, tuple[int | None, int]]:
+        """Each row's last use and use count, which the change log leaves out (a hot
+        release writes them)."""
+        rows = self._query("SELECT id, last_used_at, usage_count FROM records")
+        return {str(r[0]): (r[1], int(r[2])) for r in rows}
 
     def live_ids(self) -> list[str]:
         """Ids of the rows not marked deleted, oldest first."""
@@ -1034,11 +1100,8 @@ class MetadataStore:
         """A lock on `key` across processes (an OFD byte-range lock on `records.lock`,
         dropped by the kernel with the process), waiting for it. Threads of one store share
         its file description, so they must exclude each other on `key` themselves."""
-        digest = hashlib.blake2b(key.encode(), digest_size=7).digest()
-        offset = int.from_bytes(digest, "big")
-        fd = self._records_lock_fd
-        if fd < 0:
-            raise InvalidError(f"the metadata store {self.path} is closed")
+        offset = _offset(key)
+        fd = self._lock_fd_for_records()
         fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
         try:
             yield
@@ -1054,7 +1117,8 @@ class MetadataStore:
         return total
 
     def close(self) -> None:
-        """Drops this store's session (its holds, then its file) and closes the database."""
+        """Drops this store's session file and closes the database (which ends every lock
+        of this store)."""
         if self._session:
             with suppress(CacheError):
                 self.reap([self._session])

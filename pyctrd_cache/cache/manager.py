@@ -380,11 +380,19 @@ class Manager:
                     rec.refresh(stored)
 
     def _load_all(self) -> None:
-        """Loads the live records other processes made since. The manager lock is held."""
+        """Loads the live records other processes made since, and takes the last uses they
+        counted (which the change log leaves out). The manager lock is held."""
         for record_id in self._store.live_ids():
             if record_id not in self._core.records and record_id not in self._core.creating:
                 with contextlib.suppress(NotFoundError):
                     self._get_record(record_id)
+        times = self._store.usage_times()
+        for rec in list(self._core.records.values()):
+            used = times.get(rec.id)
+            with rec.mu:
+                if used is not None and used != (rec.md.last_used_at, rec.md.usage_count):
+                    rec.md.last_used_at, rec.md.usage_count = used
+                    self._store.track(rec.md)
 
     def _enter(self) -> None:
         """The start of every operation on the records: the manager is open and its records
@@ -436,19 +444,24 @@ class Manager:
                     raise LockedError(f"record {record_id} is locked")
                 if rec.equal_immutable is not None:
                     return rec.equal_immutable._rec.ref(trigger_last_used, dhs)
-                self._store.check_unheld(self._core.session, [record_id])
+                self._store.check_unheld([record_id])
                 return rec.commit(rec.mref(trigger_last_used, dhs))
             return rec.ref(trigger_last_used, dhs)
 
     def _hold(self, ref: ImmutableRef) -> None:
-        """Makes `ref` the caller's handle (held in the store); on failure it is released.
-        The manager lock is held."""
+        """Makes `ref` the caller's handle (held across processes); on failure it is
+        released. When another process wrote meanwhile, the records are brought up to date
+        first, and a record removed there is `NotFoundError`. The manager lock is held."""
         rec = ref._rec
         try:
             with rec.mu:
-                if not ref._held:
-                    rec.take_hold()
-                    ref._held = True
+                wrote = rec.take_hold()
+                ref._held = True
+            if wrote:
+                self._sync()
+                with rec.mu:
+                    if rec.is_dead():
+                        raise NotFoundError(f"record {rec.id} was removed")
         except BaseException:
             ref.trigger_last_used = False
             ref._release_locked()
@@ -513,9 +526,12 @@ class Manager:
             # The row comes first: `open` drops a row whose lease or snapshot never came.
             with self._core.mu:
                 self._core.creating.add(record_id)
+            # Held before its row exists: another process's prune never claims it.
+            self._store.hold_new(record_id)
             try:
-                self._store.insert(md, hold=self._core.session)
+                self._store.insert(md)
             except BaseException:
+                self._store.unhold(record_id)
                 with self._core.mu:
                     self._core.creating.discard(record_id)
                 raise
@@ -532,14 +548,15 @@ class Manager:
                     rec = _Record(self._core, md, mutable=True, parent=parent_ref)
                     self._core.records[record_id] = rec
                     with rec.mu:
+                        rec.take_hold(new=True)
                         ref = rec.mref(True, dhs)
-                        rec.holders = 1
                         ref._held = True
                         return ref
             except BaseException:
                 with self._core.mu:
                     self._core.creating.discard(record_id)
                 self._drop_unborn(record_id)
+                self._store.unhold(record_id)
                 raise
         except BaseException:
             if parent_ref is not None:
@@ -558,7 +575,9 @@ class Manager:
         handler in `desc_handlers`."""
         _validate.record_id(record_id)
         with self._core.mu:
-            self._enter()
+            # No sync first: the hold brings the records up to date when another process
+            # wrote (one pragma when none did), and a record held already cannot go.
+            self._core.check_open()
             ref = self._get(
                 record_id, trigger_last_used=update_last_used, dhs=desc_handlers or _NO_HANDLERS
             )
@@ -720,10 +739,13 @@ class Manager:
                 record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
             )
             self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
+            # Held before its row is live: another process's prune never claims it.
+            self._store.hold_new(record_id)
             md.deleted = False
             self._store.update(md)
         except BaseException:
             self._drop_unborn(record_id)
+            self._store.unhold(record_id)
             raise
         rec = _Record(self._core, md, mutable=False, parent=parent_ref)
         self._core.records[record_id] = rec
@@ -782,17 +804,17 @@ class Manager:
                 twin = rec.equal_immutable
                 if twin is not None and twin._rec.refs:
                     raise LockedError(f"record {record_id} is locked")
-                # Exclusive across processes: no other session holds it or its twin.
-                rec.take_hold(exclusive=[record_id, *twins])
+                # Exclusive across processes: no other process holds it or its twin.
+                rec.take_hold(exclusive=twins)
+                ref = rec.mref(True, _NO_HANDLERS)
+                ref._held = True
                 if twin is not None:
                     rec.equal_immutable = None
                     if not twin._rec.remove():
                         rec.equal_immutable = twin
-                        self._store.unhold(self._core.session, record_id)
-                        rec.holders -= 1
+                        rec.refs.discard(ref)
+                        rec.drop_hold(ref)
                         raise LockedError(f"record {record_id} is locked by another process")
-                ref = rec.mref(True, _NO_HANDLERS)
-                ref._held = True
                 return ref
 
     @contextlib.contextmanager
@@ -927,7 +949,7 @@ class Manager:
         with self._core.mu:
             self._enter()
             self._load_all()
-            foreign = self._store.foreign_holds(self._core.session)
+            foreign = set(self._store.held_elsewhere(list(self._core.records)))
             for rec in list(self._core.records.values()):
                 with rec.mu:
                     if rec.is_dead():
@@ -1077,7 +1099,8 @@ class Manager:
             )
         ranked = bool(keep)
 
-        foreign = self._store.foreign_holds(self._core.session)
+        with self._core.mu:
+            foreign = set(self._store.held_elsewhere(list(self._core.records)))
 
         def prunable(rec: _Record) -> bool:
             return self._prunable(rec, policy, match, cut_off, checker, gone, foreign)
@@ -1166,7 +1189,7 @@ class Manager:
                     size += snapshot_usage  # a linked snapshot goes with its last holder
             info = self._usage_info(rec.info(), 0, size=max(0, size), shared=False)
             if not dry_run and not self._store.claim_removal(
-                self._core.session, [rec.id] + ([twin.id] if twin is not None else [])
+                [rec.id] + ([twin.id] if twin is not None else [])
             ):
                 return None  # another process holds it or built on it meanwhile
             gone.add(rec, twin, info.size)

@@ -227,50 +227,53 @@ class _Record:
         lock, as `is_lazy`."""
         return self.md.blob_only and self.is_lazy()
 
-    def save(self, unhold: tuple[str, str] | None = None) -> None:
-        """Persists the in-memory row, unless the record is GONE, dropping the hold `unhold`
-        in the same transaction. Caller holds `self.mu`."""
+    def save(self) -> None:
+        """Persists the in-memory row, unless the record is GONE. Caller holds `self.mu`."""
         if self._state is not RecordState.GONE:
-            self._write(unhold)
-        elif unhold is not None:
-            self.core.store.unhold(*unhold)
+            self._write()
 
-    def _write(self, unhold: tuple[str, str] | None = None) -> None:
-        """Writes the in-memory row (and drops the hold `unhold`); when the write fails, the
-        row is read back so that memory and store still agree. Caller holds `self.mu`."""
+    def _write(self) -> None:
+        """Writes the in-memory row; when the write fails, the row is read back so that
+        memory and store still agree. Caller holds `self.mu`."""
         try:
-            self.core.store.update(self.md, unhold=unhold)
+            self.core.store.update(self.md)
         except CacheError:
             with contextlib.suppress(CacheError):
                 self.core.store.reload(self.md)
             raise
 
-    def update_last_used(self, unhold: tuple[str, str] | None = None) -> None:
-        """Counts a use, stored at once (with the hold `unhold` dropped). Caller holds
-        `self.mu`."""
+    def update_last_used(self) -> None:
+        """Counts a use, stored at once. Caller holds `self.mu`."""
         self.md.usage_count += 1
         self.md.last_used_at = now_ns()
-        self.save(unhold)
+        self.save()
 
     # Holds: another process may remove or take exclusively no record this process holds.
 
-    def take_hold(self, *, exclusive: Iterable[str] = ()) -> None:
+    def take_hold(self, *, exclusive: Iterable[str] | None = None, new: bool = False) -> bool:
         """Counts one more caller's handle (the caller marks it `_held`); the first one holds
-        the record in the store (`NotFoundError` when another process removed it,
-        `LockedError` when another holds one of the records `exclusive`). Caller holds
-        `self.mu`."""
+        the record across processes (`MetadataStore.hold`: `NotFoundError` when another
+        process removed it; with `exclusive`, `LockedError` when another holds it or one of
+        those). `new`: the row was just written by this process. Whether another process
+        wrote since the records were last brought up to date. Caller holds `self.mu`."""
+        wrote = False
         if self.holders == 0:
-            self.core.store.hold(self.core.session, self.id, exclusive=exclusive)
+            if new:
+                self.core.store.hold_new(self.id)
+            else:
+                wrote = self.core.store.hold(self.id, exclusive=exclusive)
         self.holders += 1
+        return wrote
 
-    def drop_hold(self, ref: Ref) -> tuple[str, str] | None:
-        """Uncounts `ref`; the hold the caller must drop from the store when it was the last
-        caller's handle, else None. Caller holds `self.mu`."""
+    def drop_hold(self, ref: Ref) -> None:
+        """Uncounts `ref`; with the last caller's handle the hold goes. Caller holds
+        `self.mu`."""
         if not ref._held:
-            return None
+            return
         ref._held = False
         self.holders -= 1
-        return None if self.holders else (self.core.session, self.id)
+        if not self.holders:
+            self.core.store.unhold(self.id)
 
     def forget(self) -> None:
         """Drops a record that another process removed from memory alone: it goes GONE,
@@ -335,14 +338,11 @@ class _Record:
         """Gives up an immutable handle; with the last one, the view and the equal mutable's
         handle go. Caller holds the manager lock and `self.mu`."""
         self.refs.discard(ref)
-        unhold = self.drop_hold(ref)
         if ref.trigger_last_used and not any(r.trigger_last_used for r in self.refs):
-            self.update_last_used(unhold)
-            unhold = None
+            self.update_last_used()
             if self.equal_mutable is not None:
                 self.equal_mutable.trigger_last_used = True
-        if unhold is not None:
-            self.core.store.unhold(*unhold)
+        self.drop_hold(ref)
         if self.refs:
             return
         if self.view:
@@ -357,9 +357,7 @@ class _Record:
         its unfinalized equal immutable unless that one is RETAIN. Caller holds the manager
         lock and `self.mu`."""
         self.refs.discard(ref)
-        unhold = self.drop_hold(ref)
-        if unhold is not None:
-            self.core.store.unhold(*unhold)
+        self.drop_hold(ref)
         # Whatever the handle wrote (through mounts or apply) is measured afresh.
         self.invalidate_size()
         if self.md.cache_policy is not CachePolicy.RETAIN:
@@ -385,9 +383,7 @@ class _Record:
         `Manager.open`. Nothing happens when another process holds the record or built on
         it (`MetadataStore.claim_removal`); whether it was removed. Caller holds the manager
         lock and `self.mu`."""
-        if self._state is RecordState.LIVE and not self.core.store.claim_removal(
-            self.core.session, [self.id]
-        ):
+        if self._state is RecordState.LIVE and not self.core.store.claim_removal([self.id]):
             return False
         self.detach()
         self.purge()
@@ -490,12 +486,18 @@ class _Record:
         dhs = ref.desc_handlers
         rec = _Record(self.core, md, mutable=False, parent=self.parent_ref(False, dhs), mu=self.mu)
         rec.equal_mutable = ref
-        self.core.store.insert(md, hold=self.core.session)
+        # Held before its row exists: another process's prune never claims it.
+        self.core.store.hold_new(md.id)
+        try:
+            self.core.store.insert(md)
+        except BaseException:
+            self.core.store.unhold(md.id)
+            raise
         ref._released = ref._passed = True
         crash_point("commit.after_insert")
         self.core.records[md.id] = rec
         immutable = rec.ref(True, dhs)
-        rec.holders = 1
+        rec.take_hold(new=True)
         immutable._held = True
         self.equal_immutable = immutable
         return immutable

@@ -219,8 +219,6 @@ def test_a_killed_holder_gives_up_its_holds(
     gc(client)
     assert snapshot_names(client) == []
     cm.close()
-    with sqlite3.connect(managers.state_dir / DB_NAME) as db:
-        assert db.execute("SELECT count(*) FROM holds").fetchone() == (0,)
 
 
 def test_a_store_of_the_single_process_schema_is_migrated(managers: Managers) -> None:
@@ -234,7 +232,6 @@ def test_a_store_of_the_single_process_schema_is_migrated(managers: Managers) ->
             db.execute(f"DROP TRIGGER {trigger}")
         for index in ("records_parent", "records_equal_mutable"):
             db.execute(f"DROP INDEX {index}")
-        db.execute("DROP TABLE holds")
         db.execute("DROP TABLE changes")
         db.execute("PRAGMA user_version = 1")
     cm = managers.open()

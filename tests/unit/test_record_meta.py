@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from pyctrd_cache import CachePolicy, RecordType, StoreDamagedError
+from pyctrd_cache import CachePolicy, LockedError, NotFoundError, RecordType, StoreDamagedError
 from pyctrd_cache.metadata import DB_NAME, MetadataStore, RecordMeta
 
 
@@ -97,23 +97,29 @@ def test_an_update_writes_only_the_columns_this_store_changed(tmp_path: pathlib.
         theirs.close()
 
 
-def test_holds_of_other_sessions_block_removal_until_reaped(tmp_path: pathlib.Path) -> None:
+def test_a_hold_of_another_store_blocks_removal_until_it_ends(tmp_path: pathlib.Path) -> None:
+    # Two stores stand for two processes: their locks are on two open file descriptions.
     mine, theirs = MetadataStore(tmp_path), MetadataStore(tmp_path)
     try:
-        mine.open_session("a" * 25)
-        theirs.open_session("b" * 25)
         mine.insert(RecordMeta("r"))
-        theirs.hold("b" * 25, "r")
-        assert mine.foreign_holds("a" * 25) == {"r"}
-        assert mine.claim_removal("a" * 25, ["r"]) is False
-        assert mine.dead_sessions() == set()
+        theirs.hold("r")
+        assert mine.held_elsewhere(["r", "s"]) == ["r"]
+        assert theirs.held_elsewhere(["r"]) == []
+        assert mine.claim_removal(["r"]) is False
+        with pytest.raises(LockedError):
+            mine.hold("r", exclusive=())
     finally:
-        theirs.close()  # its session ends: its holds and file go
+        theirs.close()  # its process ends: so do its locks
+    later = MetadataStore(tmp_path)
     try:
-        assert mine.foreign_holds("a" * 25) == set()
-        assert mine.claim_removal("a" * 25, ["r"]) is True
+        assert mine.held_elsewhere(["r"]) == []
+        assert mine.claim_removal(["r"]) is True
         stored = mine.get("r")
         assert stored is not None
         assert stored.deleted
+        with pytest.raises(NotFoundError):
+            later.hold("r")  # it sees the claim another store committed
+        assert mine.held_elsewhere(["r"]) == []  # the refused hold was given up
     finally:
         mine.close()
+        later.close()
