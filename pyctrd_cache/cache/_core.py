@@ -32,7 +32,7 @@ OWNER_LABEL: Final = "pyctrd-cache/manager"
 KIND_LABEL: Final = "pyctrd-cache/kind"
 SESSION_LABEL: Final = "pyctrd-cache/session"
 """The id of the `Manager.open` that created the lease (one per opening): its session in the
-metadata store, whose holds count while its process lives."""
+metadata store, whose leases other than records' go once its process is dead."""
 
 _log = logging.getLogger("pyctrd_cache")
 

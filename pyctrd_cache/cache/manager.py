@@ -343,9 +343,8 @@ class Manager:
             self._load_all()
 
     def _reap_dead_sessions(self) -> None:
-        """Gives up what processes that died held: their holds, and the leases of their
-        own work (temporary, view, caller) that no record accounts for; then their session
-        files."""
+        """Gives up what processes that died left (their holds ended with them): the
+        leases of their own work (temporary, view, caller), then their session files."""
         dead = self._store.dead_sessions()
         if not dead:
             return

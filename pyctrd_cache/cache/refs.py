@@ -109,7 +109,7 @@ class _Record:
         # Counts the changes of content or layout that make a measured size stale.
         self.size_epoch = 0
         # The caller's handles (not the parent handles of child records): while there is
-        # one, this process's session holds the record in the store.
+        # one, this process holds the record across processes (`MetadataStore.hold`).
         self.holders = 0
 
     @property
