@@ -641,6 +641,11 @@ class MetadataStore:
             for name in _STORE_FILES:
                 with suppress(FileNotFoundError):
                     os.rename(legacy / name, self.state_dir / name)
+            # What a store of this version leaves in a directory besides its database.
+            with suppress(OSError):
+                os.unlink(legacy / RECORDS_LOCK_NAME)
+            with suppress(OSError):
+                (legacy / SESSIONS_DIR).rmdir()
             with suppress(OSError):
                 os.unlink(legacy / LOCK_NAME)
                 legacy.rmdir()
