@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -278,6 +279,7 @@ def _offset(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
 
 
+@functools.lru_cache(maxsize=65536)
 def _hold_offset(record_id: str) -> int:
     return _offset(f"hold-{record_id}")
 
