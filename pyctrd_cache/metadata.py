@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -68,10 +69,10 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import (
     CacheError,
@@ -273,11 +274,34 @@ def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
 
+T = TypeVar("T")
+
+
+def _retrying(call: Callable[[], T]) -> T:
+    """`call()`, tried again while the database is busy (another process writing), in steps
+    of 20 µs growing to 2 ms, for up to `_BUSY_TIMEOUT_MS`; then SQLite's busy error."""
+    deadline = 0.0
+    delay = 0.00002
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + _BUSY_TIMEOUT_MS / 1000
+            if now >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
 def _offset(key: str) -> int:
     """The byte of `records.lock` that stands for `key`."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
 
 
+@functools.lru_cache(maxsize=65536)
 def _hold_offset(record_id: str) -> int:
     return _offset(f"hold-{record_id}")
 
@@ -374,8 +398,12 @@ class MetadataStore:
             self.manager_id = self._open(repair)
             with self._mu, self._mapped():
                 db = self._connection()
-                (self._data_version,) = db.execute("PRAGMA data_version").fetchone()
-                (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+                (self._data_version,) = _retrying(
+                    lambda: db.execute("PRAGMA data_version").fetchone()
+                )
+                (seq,) = _retrying(
+                    lambda: db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+                )
                 self._seq = int(seq)
         except BaseException:
             self._close_db()
@@ -442,11 +470,14 @@ class MetadataStore:
         """The store's id when the schema is current and the id file agrees; None when the
         exclusive lock is needed to create or migrate it (or to write the id file)."""
         assert self._db is not None
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        db = self._db
+        (version,) = _retrying(lambda: db.execute("PRAGMA user_version").fetchone())
         self._check_version(version)
         if version != SCHEMA_VERSION or saved_id is None:
             return None
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
+        row = _retrying(
+            lambda: db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
+        )
         if row is None:
             return None
         self._check_id(str(row[0]), saved_id)
@@ -688,6 +719,9 @@ class MetadataStore:
             problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise self._damaged("; ".join(problems))
+            # From here a busy database is waited for by `_retrying`, in steps far shorter
+            # than SQLite's own (1 ms and up), which would stall several processes writing.
+            db.execute("PRAGMA busy_timeout=0")
         except BaseException:
             db.close()
             raise
@@ -722,7 +756,7 @@ class MetadataStore:
         """One write transaction; on any error it is rolled back and SQLite's error mapped."""
         with self._mu, self._mapped():
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
+            _retrying(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 yield db
                 db.execute("COMMIT")
@@ -735,7 +769,8 @@ class MetadataStore:
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._mu, self._mapped():
-            return self._connection().execute(sql, args).fetchall()
+            db = self._connection()
+            return _retrying(lambda: db.execute(sql, args).fetchall())
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -962,12 +997,14 @@ class MetadataStore:
         try:
             with self._mu, self._mapped():
                 db = self._connection()
-                (version,) = db.execute("PRAGMA data_version").fetchone()
+                (version,) = _retrying(lambda: db.execute("PRAGMA data_version").fetchone())
                 if version == self._data_version:
                     return False
-                row = db.execute(
-                    "SELECT deleted FROM records WHERE id = ?", (record_id,)
-                ).fetchone()
+                row = _retrying(
+                    lambda: db.execute(
+                        "SELECT deleted FROM records WHERE id = ?", (record_id,)
+                    ).fetchone()
+                )
         except BaseException:
             self._unlock_byte(byte)
             raise
@@ -1085,14 +1122,16 @@ class MetadataStore:
         more changed than the log keeps."""
         with self._mu, self._mapped():
             db = self._connection()
-            (version,) = db.execute("PRAGMA data_version").fetchone()
+            (version,) = _retrying(lambda: db.execute("PRAGMA data_version").fetchone())
             if version == self._data_version:
                 return None
             self._data_version = version
-            (first,) = db.execute("SELECT min(seq) FROM changes").fetchone()
-            rows = db.execute(
-                "SELECT seq, record_id FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)
-            ).fetchall()
+            (first,) = _retrying(lambda: db.execute("SELECT min(seq) FROM changes").fetchone())
+            rows = _retrying(
+                lambda: db.execute(
+                    "SELECT seq, record_id FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)
+                ).fetchall()
+            )
         changed = {str(r[1]) for r in rows}
         if first is not None and first > self._seq + 1:
             changed.update(known)
