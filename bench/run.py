@@ -959,6 +959,13 @@ def _first_reads(
     return lazy, full
 
 
+def bench_procs(address: str, work: pathlib.Path, cycles: int, rounds: int) -> list[Row]:
+    """Several processes on one state directory (bench/procs.py, which imports this module)."""
+    from bench import procs
+
+    return procs.bench(address, work, cycles, rounds)
+
+
 BENCHES = {
     "core": bench_core,
     "remote": bench_remote,
@@ -971,6 +978,7 @@ BENCHES = {
     "registry": bench_registry,
     "stargz": bench_stargz,
     "estargz": bench_estargz,
+    "procs": bench_procs,
 }
 
 

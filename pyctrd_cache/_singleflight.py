@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -11,11 +12,16 @@ T = TypeVar("T")
 
 
 class SingleFlight:
-    """One per manager; never global."""
+    """One per manager; never global. With `across`, the leader runs each call inside
+    `across(key)` (a lock on the key across processes), so that the calls of several
+    processes for one key run one after the other."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, across: Callable[[str], contextlib.AbstractContextManager[None]] | None = None
+    ) -> None:
         self._mu = threading.Lock()
         self._calls: dict[str, Future[Any]] = {}
+        self._across = across
 
     def do(self, key: str, fn: Callable[[], T]) -> T:
         """Runs `fn` unless a call for `key` is under way, in which case its result is shared."""
@@ -26,7 +32,11 @@ class SingleFlight:
                 future = self._calls[key] = Future()
         if leader:
             try:
-                future.set_result(fn())
+                if self._across is None:
+                    future.set_result(fn())
+                else:
+                    with self._across(key):
+                        future.set_result(fn())
             except BaseException as err:
                 future.set_exception(err)
             finally:

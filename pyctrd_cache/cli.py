@@ -135,8 +135,10 @@ def _parser() -> argparse.ArgumentParser:
         type=_argument_type(parse_duration),
         default=parse_duration(os.environ.get("PYCTRD_CACHE_LOCK_TIMEOUT") or "60s"),
         metavar="DURATION",
-        help="how long to wait while another process uses the state directory, e.g. 60s, "
-        "5m, 0 to fail at once (default: $PYCTRD_CACHE_LOCK_TIMEOUT, else 60s)",
+        help="how long to wait while another process holds the state directory "
+        "exclusively (a single-process version, or its brief migration or repair; other "
+        "jobs never make a command wait), e.g. 60s, 5m, 0 to fail at once (default: "
+        "$PYCTRD_CACHE_LOCK_TIMEOUT, else 60s)",
     )
     parser.add_argument(
         "--embedded",

@@ -7,9 +7,28 @@ becomes "change the in-memory row, then `save` it"). The database runs in WAL mo
 `synchronous=NORMAL`: a committed transaction survives a crash of the process, which is the
 failure the cache must survive (a power loss may lose the last transactions, never corrupt).
 
-The state directory is locked with `flock` while a store is open: a second store on it, in
-any process, waits up to its `lock_timeout` (logging once who holds the lock: the holder
-writes its process id and command line into the lock file), then fails with `LockedError`.
+Any number of stores, in any processes, may have one state directory open at once: each
+holds a shared `flock` on the file `lock` for its life. The exclusive lock is taken only
+briefly, for what no other store may see half done (moving a legacy store up, creating or
+migrating the schema, moving a damaged database aside), and said to be brief in the lock
+file. A store that needs it, or that opens while another holds it, waits up to its
+`lock_timeout` (for a brief hold, at least 10 s), logging once who holds it (the exclusive
+holder writes its process id and command line into the lock file), then fails with
+`LockedError`. A single-process version (metadata schema 1) holds the lock exclusively
+while it is open. Writes are short `BEGIN IMMEDIATE` transactions; SQLite's busy timeout
+makes a writer wait for another process's transaction.
+
+Each open manager is a session: a file `sessions/<id>` on which it holds an exclusive
+`flock` for its life, which the kernel drops when the process dies however it dies. A
+session is dead when another process can lock its file; `reap` deletes its file. Every
+change of a record row but of its last use is logged in `changes` (by triggers), which the
+other processes read to bring the records they keep in memory up to date
+(`foreign_changes`); the last uses are read whole when they matter (`usage_times`).
+
+Locks across processes are OFD byte-range locks on one byte each of `records.lock` (at an
+offset hashed from a key), which the kernel drops with the process too: `exclusive(key)`
+serializes work, and the holds are read locks on a record's byte (`hold`), which a removal
+must turn into a write lock to claim the record (`claim_removal`).
 
 Before version 0.2 the command line kept its store in `STATE_DIR/cache`; opening `STATE_DIR`
 moves such a store up into it (under both locks), so that scripts and the command line see
@@ -37,6 +56,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -44,27 +65,52 @@ import pathlib
 import re
 import sqlite3
 import stat
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
-from .errors import CacheError, InvalidError, LockedError, NoSpaceError, StoreDamagedError
+from .errors import (
+    CacheError,
+    InvalidError,
+    LockedError,
+    NoSpaceError,
+    NotFoundError,
+    StoreDamagedError,
+)
 from .types import CachePolicy, RecordType
 
 DB_NAME: Final = "metadata.db"
 ID_NAME: Final = "manager-id"
 LOCK_NAME: Final = "lock"
+SESSIONS_DIR: Final = "sessions"
+RECORDS_LOCK_NAME: Final = "records.lock"
+_CHANGES_KEPT: Final = 10_000
+"""How many logged changes are kept; a process further behind reloads all its records."""
+_BUSY_TIMEOUT_MS: Final = 30_000
+_NEW_SESSION_GRACE: Final = 60.0
 _SQLITE_SUFFIXES: Final = ("-wal", "-shm", "-journal")
 LEGACY_SUBDIR: Final = "cache"
 _LOCK_POLL: Final = 0.1
+_EXCLUSIVE_GRACE: Final = 10.0
+"""Seconds an open waits, whatever its `lock_timeout`, for another's brief exclusive step."""
+_BRIEF: Final = "brief"
+"""The lock file's second line while a version that holds it only briefly holds it."""
 _STORE_FILES: Final = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", ID_NAME)
 
 log = logging.getLogger(__name__)
 _SQLITE_FULL: Final = 13
+_SQLITE_BUSY: Final = 5
+_F_OFD_GETLK: Final = 36
+_F_OFD_SETLK: Final = 37
+_F_OFD_SETLKW: Final = 38
+_CLAIM_WAIT: Final = 0.5
+"""Seconds a hold waits for another process's claim of the record (a transaction)."""
+_FLOCK: Final = struct.Struct("hhqqi4x")
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 
 _COLUMNS: Final = (
@@ -93,43 +139,74 @@ _COLUMNS: Final = (
 )
 
 # Each entry moves the schema one version up; PRAGMA user_version counts the applied ones.
-# Statements are separated by ';' and contain none themselves.
-_MIGRATIONS: Final = (
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE records (
-        id TEXT PRIMARY KEY,
-        committed INTEGER NOT NULL DEFAULT 0,
-        parent TEXT NOT NULL DEFAULT '',
-        equal_mutable TEXT NOT NULL DEFAULT '',
-        snapshot_id TEXT NOT NULL DEFAULT '',
-        size INTEGER,
-        cache_policy INTEGER NOT NULL DEFAULT 0,
-        description TEXT NOT NULL DEFAULT '',
-        created_at INTEGER,
-        last_used_at INTEGER,
-        usage_count INTEGER NOT NULL DEFAULT 0,
-        layer_type TEXT NOT NULL DEFAULT '',
-        record_type TEXT NOT NULL DEFAULT '',
-        diff_id TEXT NOT NULL DEFAULT '',
-        chain_id TEXT NOT NULL DEFAULT '',
-        blob_chain_id TEXT NOT NULL DEFAULT '',
-        blob TEXT NOT NULL DEFAULT '',
-        blob_only INTEGER NOT NULL DEFAULT 0,
-        media_type TEXT NOT NULL DEFAULT '',
-        blob_size INTEGER,
-        image_refs TEXT NOT NULL DEFAULT '[]',
-        deleted INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX records_chain_id ON records (chain_id) WHERE chain_id != '';
-    CREATE INDEX records_blob_chain_id ON records (blob_chain_id) WHERE blob_chain_id != '';
-    CREATE TABLE externals (
-        record_id TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
-        key TEXT NOT NULL,
-        value BLOB NOT NULL,
-        PRIMARY KEY (record_id, key)
-    );
-    """,
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+        """,
+        """
+        CREATE TABLE records (
+            id TEXT PRIMARY KEY,
+            committed INTEGER NOT NULL DEFAULT 0,
+            parent TEXT NOT NULL DEFAULT '',
+            equal_mutable TEXT NOT NULL DEFAULT '',
+            snapshot_id TEXT NOT NULL DEFAULT '',
+            size INTEGER,
+            cache_policy INTEGER NOT NULL DEFAULT 0,
+            description TEXT NOT NULL DEFAULT '',
+            created_at INTEGER,
+            last_used_at INTEGER,
+            usage_count INTEGER NOT NULL DEFAULT 0,
+            layer_type TEXT NOT NULL DEFAULT '',
+            record_type TEXT NOT NULL DEFAULT '',
+            diff_id TEXT NOT NULL DEFAULT '',
+            chain_id TEXT NOT NULL DEFAULT '',
+            blob_chain_id TEXT NOT NULL DEFAULT '',
+            blob TEXT NOT NULL DEFAULT '',
+            blob_only INTEGER NOT NULL DEFAULT 0,
+            media_type TEXT NOT NULL DEFAULT '',
+            blob_size INTEGER,
+            image_refs TEXT NOT NULL DEFAULT '[]',
+            deleted INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        """
+        CREATE INDEX records_chain_id ON records (chain_id) WHERE chain_id != ''
+        """,
+        """
+        CREATE INDEX records_blob_chain_id ON records (blob_chain_id) WHERE blob_chain_id != ''
+        """,
+        """
+        CREATE TABLE externals (
+            record_id TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value BLOB NOT NULL,
+            PRIMARY KEY (record_id, key)
+        )
+        """,
+    ),
+    # Version 2: several processes share one state directory.
+    (
+        "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT NOT NULL)",
+        """
+        CREATE TRIGGER records_inserted AFTER INSERT ON records
+        BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
+        """,
+        """
+        CREATE TRIGGER records_updated AFTER UPDATE OF
+            committed, parent, equal_mutable, snapshot_id, size, cache_policy, description,
+            created_at, layer_type, record_type, diff_id, chain_id, blob_chain_id, blob,
+            blob_only, media_type, blob_size, image_refs, deleted
+        ON records
+        BEGIN INSERT INTO changes (record_id) VALUES (NEW.id); END
+        """,
+        """
+        CREATE TRIGGER records_deleted AFTER DELETE ON records
+        BEGIN INSERT INTO changes (record_id) VALUES (OLD.id); END
+        """,
+        "CREATE INDEX records_parent ON records (parent) WHERE parent != ''",
+        "CREATE INDEX records_equal_mutable ON records (equal_mutable) WHERE equal_mutable != ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -197,25 +274,58 @@ def _is_full(err: sqlite3.Error) -> bool:
     return err.sqlite_errorcode & 0xFF == _SQLITE_FULL
 
 
-def _lock_file(fd: int, directory: pathlib.Path, timeout: float) -> int:
-    """`fd`, `directory`'s open lock file, once its lock is taken; waits up to `timeout`
-    seconds, logging once who holds it, else closes `fd` and raises `LockedError`."""
-    deadline = time.monotonic() + max(0.0, timeout)
+T = TypeVar("T")
+
+
+def _retrying(call: Callable[[], T]) -> T:
+    """`call()`, tried again while the database is busy (another process writing), in steps
+    of 20 µs growing to 2 ms, for up to `_BUSY_TIMEOUT_MS`; then SQLite's busy error."""
+    deadline = 0.0
+    delay = 0.00002
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + _BUSY_TIMEOUT_MS / 1000
+            if now >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
+def _offset(key: str) -> int:
+    """The byte of `records.lock` that stands for `key`."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
+
+
+@functools.lru_cache(maxsize=65536)
+def _hold_offset(record_id: str) -> int:
+    return _offset(f"hold-{record_id}")
+
+
+def _lock_file(fd: int, directory: pathlib.Path, timeout: float, *, shared: bool = False) -> None:
+    """Takes the lock of `fd`, `directory`'s open lock file (shared or exclusive); waits up
+    to `timeout` seconds (at least `_EXCLUSIVE_GRACE` while the holder says its hold is
+    brief), logging once who holds it, else raises `LockedError`."""
+    start = time.monotonic()
     logged = False
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return
         except BlockingIOError:
-            holder = _holder(fd)
-            if time.monotonic() >= deadline:
-                os.close(fd)
+            holder, brief = _holder(fd)
+            limit = max(timeout, _EXCLUSIVE_GRACE) if brief else max(0.0, timeout)
+            if time.monotonic() - start >= limit:
                 waited = f" after waiting {timeout:g}s" if timeout > 0 else ""
                 raise LockedError(
                     f"state directory {directory} is in use by another open manager "
                     f"({holder}){waited}"
                 ) from None
-            if not logged:
+            if not logged and not brief:
                 log.warning(
                     "state directory %s is in use (%s); waiting up to %gs for it",
                     directory,
@@ -226,8 +336,9 @@ def _lock_file(fd: int, directory: pathlib.Path, timeout: float) -> int:
             time.sleep(_LOCK_POLL)
 
 
-def _write_holder(fd: int) -> None:
-    """Records this process in the lock file it holds, for those who wait for it."""
+def _write_holder(fd: int, *, brief: bool = False) -> None:
+    """Records this process in the lock file it holds, for those who wait for it; `brief`
+    says that the hold ends soon (they wait for it whatever their timeout)."""
     try:
         with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
             command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -235,24 +346,28 @@ def _write_holder(fd: int) -> None:
         command = ""
     with suppress(OSError):
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n{_BRIEF if brief else ''}\n".encode(), 0)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote it."""
+def _holder(fd: int) -> tuple[str, bool]:
+    """Who holds the lock, as its exclusive holder wrote it, and whether it holds it only
+    briefly."""
     try:
-        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
     except OSError:
         text = ""
-    pid, _, command = text.partition(" ")
+    first, _, rest = text.partition("\n")
+    brief = rest.strip() == _BRIEF
+    pid, _, command = first.strip().partition(" ")
     if not pid.isdigit():
-        return "holder unknown"
+        return "shared by open managers", brief
     command = "".join(c if c.isprintable() else "?" for c in command)[:200]
-    return f"pid {pid}: {command}" if command else f"pid {pid}"
+    return (f"pid {pid}: {command}" if command else f"pid {pid}"), brief
 
 
 class MetadataStore:
-    """The records of one state directory; thread-safe, one open store per directory.
+    """The records of one state directory; thread-safe. Any number of stores, in any
+    processes, may have one directory open at once.
 
     `repair` moves an unreadable database aside and starts an empty one with the saved id.
     """
@@ -266,32 +381,123 @@ class MetadataStore:
         self._mu = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._dir_fd = -1
-        self._lock_fd = self._lock_directory(lock_timeout)
+        self._records_lock_fd = -1
+        self._sessions_fd = -1
+        self._session_fd = -1
+        self._session = ""
+        self._data_version = 0
+        self._seq = 0
+        # The rows as this process last wrote or took them (`track`): an update writes only
+        # the columns that differ, so that it never undoes another process's change of the
+        # others (a finalize, a blob, a size).
+        self._known: dict[str, tuple[object, ...]] = {}
+        self._lock_timeout = lock_timeout
+        self._lock_fd = self._lock_directory(self._lock_timeout)
         try:
-            self._adopt_legacy_store(lock_timeout)
+            self._records_lock_fd = self._open_file(RECORDS_LOCK_NAME, os.O_RDWR | os.O_CREAT)
             self.manager_id = self._open(repair)
+            with self._mu, self._mapped():
+                db = self._connection()
+                (self._data_version,) = _retrying(
+                    lambda: db.execute("PRAGMA data_version").fetchone()
+                )
+                (seq,) = _retrying(
+                    lambda: db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+                )
+                self._seq = int(seq)
         except BaseException:
-            if self._db is not None:
-                self._db.close()
+            self._close_db()
             self._release_lock()
             raise
 
-    def _open(self, repair: bool) -> str:
-        saved_id = self._read_id()
-        try:
-            with self._mapped():
-                self._db = self._connect()
-                return self._migrate(saved_id)
-        except StoreDamagedError as err:
-            if not repair or err.path != str(self.path):
-                raise
+    def _close_db(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
-        self._move_aside()
-        with self._mapped():
-            self._db = self._connect()
-            return self._migrate(saved_id)
+
+    def _open(self, repair: bool) -> str:
+        """Opens the database under the shared lock when its schema is current, else takes
+        the exclusive lock to move a legacy store up, create or migrate the schema, or move
+        a damaged database aside (with `repair`)."""
+        if not self._legacy_present():
+            try:
+                with self._mapped():
+                    self._db = self._connect()
+                    manager_id = self._current_id(self._read_id())
+                if manager_id is not None:
+                    return manager_id
+            except StoreDamagedError as err:
+                if not repair or err.path != str(self.path):
+                    raise
+            self._close_db()
+        with self._exclusively():
+            self._adopt_legacy_store()
+            saved_id = self._read_id()
+            try:
+                with self._mapped():
+                    self._db = self._connect()
+                    return self._migrate(saved_id)
+            except StoreDamagedError as err:
+                if not repair or err.path != str(self.path):
+                    raise
+            self._close_db()
+            self._move_aside()
+            with self._mapped():
+                self._db = self._connect()
+                return self._migrate(saved_id)
+
+    @contextmanager
+    def _exclusively(self) -> Iterator[None]:
+        """Holds the directory's lock exclusively (no other store is open meanwhile), then
+        goes back to the shared lock. The shared lock is given up first: two stores that
+        both upgraded would wait for each other."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        try:
+            _lock_file(self._lock_fd, self.state_dir, self._lock_timeout)
+        except LockedError:
+            # Back to where the caller was, so that its clean-up finds the lock it had.
+            _lock_file(self._lock_fd, self.state_dir, self._lock_timeout, shared=True)
+            raise
+        _write_holder(self._lock_fd, brief=True)
+        try:
+            yield
+        finally:
+            with suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def _current_id(self, saved_id: str | None) -> str | None:
+        """The store's id when the schema is current and the id file agrees; None when the
+        exclusive lock is needed to create or migrate it (or to write the id file)."""
+        assert self._db is not None
+        db = self._db
+        (version,) = _retrying(lambda: db.execute("PRAGMA user_version").fetchone())
+        self._check_version(version)
+        if version != SCHEMA_VERSION or saved_id is None:
+            return None
+        row = _retrying(
+            lambda: db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
+        )
+        if row is None:
+            return None
+        self._check_id(str(row[0]), saved_id)
+        return str(row[0])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise InvalidError(
+                f"metadata store {self.path} has schema version {version}, newer than this "
+                f"version of pyctrd-cache understands ({SCHEMA_VERSION})"
+            )
+
+    def _check_id(self, manager_id: str, saved_id: str | None) -> None:
+        if saved_id is not None and saved_id != manager_id:
+            raise StoreDamagedError(
+                f"the metadata store {self.path} belongs to manager {manager_id}, but the "
+                f"id file {self.id_path} says {saved_id}: one of them comes from another "
+                "state directory; put the right one back",
+                path=str(self.id_path),
+            )
 
     def _damaged(self, problem: str) -> StoreDamagedError:
         return StoreDamagedError(
@@ -307,6 +513,11 @@ class MetadataStore:
         try:
             yield
         except sqlite3.Error as err:
+            if err.sqlite_errorcode & 0xFF == _SQLITE_BUSY:
+                raise LockedError(
+                    f"the metadata store {self.path} stayed busy (another process writing) "
+                    f"for {_BUSY_TIMEOUT_MS // 1000}s: {err}"
+                ) from None
             if _is_full(err):
                 raise NoSpaceError(
                     f"no space left to write the metadata store {self.path}: {err}"
@@ -402,6 +613,7 @@ class MetadataStore:
         os.fchmod(self._dir_fd, 0o700)
 
     def _lock_directory(self, timeout: float) -> int:
+        """The directory's lock file, locked shared."""
         try:
             self._open_directory()
             fd = self._open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
@@ -414,11 +626,11 @@ class MetadataStore:
                 f"cannot use state directory {self.state_dir}: {err.strerror}"
             ) from None
         try:
-            _lock_file(fd, self.state_dir, timeout)
+            _lock_file(fd, self.state_dir, timeout, shared=True)
         except BaseException:
+            os.close(fd)
             self._close_directory()
             raise
-        _write_holder(fd)
         return fd
 
     def _close_directory(self) -> None:
@@ -426,11 +638,16 @@ class MetadataStore:
             os.close(self._dir_fd)
             self._dir_fd = -1
 
-    def _adopt_legacy_store(self, timeout: float) -> None:
-        """Moves a store the command line kept in `STATE_DIR/cache` up into the state
-        directory, unless the state directory has one of its own (then refuses)."""
+    def _legacy_present(self) -> bool:
         legacy = self.state_dir / LEGACY_SUBDIR
-        if not (legacy / DB_NAME).is_file() or legacy.is_symlink():
+        return (legacy / DB_NAME).is_file() and not legacy.is_symlink()
+
+    def _adopt_legacy_store(self) -> None:
+        """Moves a store the command line kept in `STATE_DIR/cache` up into the state
+        directory, unless the state directory has one of its own (then refuses). Caller
+        holds the directory's lock exclusively."""
+        legacy = self.state_dir / LEGACY_SUBDIR
+        if not self._legacy_present():
             return
         if self.path.exists():
             raise InvalidError(
@@ -445,11 +662,21 @@ class MetadataStore:
             if err.errno == errno.ELOOP:
                 raise self._unsafe(f"{legacy / LOCK_NAME} is a symlink") from None
             raise CacheError(f"cannot use state directory {legacy}: {err.strerror}") from None
-        legacy_fd = _lock_file(fd, legacy, timeout)
+        try:
+            _lock_file(fd, legacy, self._lock_timeout)
+        except BaseException:
+            os.close(fd)
+            raise
+        legacy_fd = fd
         try:
             for name in _STORE_FILES:
                 with suppress(FileNotFoundError):
                     os.rename(legacy / name, self.state_dir / name)
+            # What a store of this version leaves in a directory besides its database.
+            with suppress(OSError):
+                os.unlink(legacy / RECORDS_LOCK_NAME)
+            with suppress(OSError):
+                (legacy / SESSIONS_DIR).rmdir()
             with suppress(OSError):
                 os.unlink(legacy / LOCK_NAME)
                 legacy.rmdir()
@@ -462,11 +689,10 @@ class MetadataStore:
         log.warning("moved the metadata store %s up to %s", legacy / DB_NAME, self.path)
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            with suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        for fd in (self._records_lock_fd, self._session_fd, self._sessions_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._records_lock_fd = self._session_fd = self._sessions_fd = self._lock_fd = -1
         self._close_directory()
 
     def _connect(self) -> sqlite3.Connection:
@@ -489,29 +715,28 @@ class MetadataStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise self._damaged("; ".join(problems))
+            # From here a busy database is waited for by `_retrying`, in steps far shorter
+            # than SQLite's own (1 ms and up), which would stall several processes writing.
+            db.execute("PRAGMA busy_timeout=0")
         except BaseException:
             db.close()
             raise
         return db
 
     def _migrate(self, saved_id: str | None) -> str:
-        """Brings the schema up to date; the store's id (the saved one for a new database)."""
+        """Brings the schema up to date; the store's id (the saved one for a new database).
+        Caller holds the directory's lock exclusively."""
         assert self._db is not None
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise InvalidError(
-                f"metadata store {self.path} has schema version {version}, newer than this "
-                f"version of pyctrd-cache understands ({SCHEMA_VERSION})"
-            )
+        self._check_version(version)
         with self._transaction() as db:
             for number in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _MIGRATIONS[number]:
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number + 1}")
             row = db.execute("SELECT value FROM meta WHERE key = 'manager_id'").fetchone()
             if row is None:
@@ -519,13 +744,9 @@ class MetadataStore:
                 db.execute("INSERT INTO meta (key, value) VALUES ('manager_id', ?)", (manager_id,))
             else:
                 manager_id = str(row[0])
-            if saved_id is not None and saved_id != manager_id:
-                raise StoreDamagedError(
-                    f"the metadata store {self.path} belongs to manager {manager_id}, but the "
-                    f"id file {self.id_path} says {saved_id}: one of them comes from another "
-                    "state directory; put the right one back",
-                    path=str(self.id_path),
-                )
+            self._check_id(manager_id, saved_id)
+        if version and version < SCHEMA_VERSION:
+            log.info("migrated the metadata store %s to schema version %d", self.path, version)
         if saved_id is None:
             self._write_id(manager_id)
         return manager_id
@@ -535,7 +756,7 @@ class MetadataStore:
         """One write transaction; on any error it is rolled back and SQLite's error mapped."""
         with self._mu, self._mapped():
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
+            _retrying(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 yield db
                 db.execute("COMMIT")
@@ -548,7 +769,8 @@ class MetadataStore:
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._mu, self._mapped():
-            return self._connection().execute(sql, args).fetchall()
+            db = self._connection()
+            return _retrying(lambda: db.execute(sql, args).fetchall())
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -585,27 +807,51 @@ class MetadataStore:
         )
         return [r[0] for r in rows]
 
+    def track(self, meta: RecordMeta) -> None:
+        """Takes `meta` as the row this process knows (read from the store, or brought up
+        to date with it): later updates of it write only the columns changed since."""
+        row = _to_row(meta)
+        with self._mu:
+            self._known[meta.id] = row
+
     def insert(self, meta: RecordMeta) -> None:
         """Writes a new row."""
         placeholders = ", ".join("?" for _ in _COLUMNS)
+        row = _to_row(meta)
         with self._transaction() as db:
-            db.execute(
-                f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                _to_row(meta),
-            )
+            db.execute(f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({placeholders})", row)
+            self._known[meta.id] = row
 
-    def update(self, *metas: RecordMeta, delete: Iterable[str] = ()) -> None:
-        """Rewrites existing rows and drops the rows `delete`, in one transaction.
+    def update(
+        self,
+        *metas: RecordMeta,
+        delete: Iterable[str] = (),
+    ) -> None:
+        """Rewrites existing rows (the columns changed since this store knew them) and drops
+        the rows `delete`, in one transaction.
 
         A row that no longer exists is not brought back.
         """
-        assignments = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+        deleted = [(i,) for i in delete]
+        rows = [_to_row(m) for m in metas]
         with self._transaction() as db:
-            db.executemany(
-                f"UPDATE records SET {assignments} WHERE id = ?",
-                [(*_to_row(m)[1:], m.id) for m in metas],
-            )
-            db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in delete])
+            for row in rows:
+                known = self._known.get(str(row[0]))
+                changed = [
+                    i for i in range(1, len(_COLUMNS)) if known is None or row[i] != known[i]
+                ]
+                if changed:
+                    assignments = ", ".join(f"{_COLUMNS[i]} = ?" for i in changed)
+                    db.execute(
+                        f"UPDATE records SET {assignments} WHERE id = ?",
+                        (*(row[i] for i in changed), row[0]),
+                    )
+            db.executemany("DELETE FROM records WHERE id = ?", deleted)
+            for row in rows:
+                if str(row[0]) in self._known:
+                    self._known[str(row[0])] = row
+            for (record_id,) in deleted:
+                self._known.pop(record_id, None)
 
     def reload(self, meta: RecordMeta) -> None:
         """Puts the stored row back into `meta` in place (after a write that failed)."""
@@ -613,6 +859,8 @@ class MetadataStore:
         if stored is not None:
             for f in dataclasses.fields(stored):
                 setattr(meta, f.name, getattr(stored, f.name))
+            if meta.id in self._known:
+                self.track(meta)
 
     def delete(self, *record_ids: str) -> None:
         """Drops the rows and their external values."""
@@ -632,6 +880,278 @@ class MetadataStore:
                 (record_id, key, value),
             )
 
+    # Sessions: one per open manager, alive while its process holds the lock on its file.
+
+    def open_session(self, session: str) -> None:
+        """Makes this store's session file and holds its lock until `close`. The file is
+        locked before it gets its name, so that no one finds it unlocked."""
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(SESSIONS_DIR, 0o700, dir_fd=self._dir_fd)
+            self._sessions_fd = os.open(
+                SESSIONS_DIR,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self._dir_fd,
+            )
+            tmp = f".{session}.new"
+            fd = os.open(
+                tmp,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self._sessions_fd,
+            )
+            self._session_fd = fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_holder(fd)
+            os.rename(tmp, session, src_dir_fd=self._sessions_fd, dst_dir_fd=self._sessions_fd)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise self._unsafe(f"{self.state_dir / SESSIONS_DIR} is a symlink") from None
+            cls = NoSpaceError if err.errno == errno.ENOSPC else CacheError
+            raise cls(f"cannot make a session file in {self.state_dir}: {err.strerror}") from None
+        self._session = session
+
+    def session_alive(self, session: str) -> bool:
+        """Whether the session's process holds its file's lock; a session without a file is
+        dead (or was reaped)."""
+        if session == self._session:
+            return True
+        if self._sessions_fd < 0:
+            raise InvalidError(f"the metadata store {self.path} is closed")
+        try:
+            fd = os.open(
+                session,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self._sessions_fd,
+            )
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # not ours to judge: counted alive, never reaped
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def session_names(self) -> list[str]:
+        """The names in the sessions directory (live sessions, and dead ones not reaped)."""
+        try:
+            return [n for n in os.listdir(self._sessions_fd) if not n.startswith(".")]
+        except OSError:
+            return []
+
+    def dead_sessions(self) -> set[str]:
+        """Sessions that left a file behind and whose process is gone."""
+        try:
+            names = set(os.listdir(self._sessions_fd))
+        except OSError:
+            names = set()
+        dead = set()
+        for name in names - {self._session}:
+            if name.startswith(".") and not self._stale_new_session(name):
+                continue
+            if not self.session_alive(name):
+                dead.add(name)
+        return dead
+
+    def _stale_new_session(self, name: str) -> bool:
+        """Whether `name` is a session file left half made long ago: one being made is
+        unlocked for a moment, and must not be taken for a dead one."""
+        try:
+            st = os.stat(name, dir_fd=self._sessions_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return time.time() - st.st_mtime > _NEW_SESSION_GRACE
+
+    def reap(self, sessions: Iterable[str]) -> None:
+        """Deletes the files of dead sessions, and trims the change log."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
+                (_CHANGES_KEPT,),
+            )
+        for name in sessions:
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._sessions_fd)
+
+    # Holds: a read lock on the record's byte while this process has handles on it.
+
+    def hold(self, record_id: str, *, exclusive: Iterable[str] | None = None) -> bool:
+        """Holds the record for this process (a read lock on its byte): `NotFoundError`
+        when its row is gone or marked deleted. With `exclusive`, the hold is a write lock,
+        and `LockedError` when another process holds the record or one of `exclusive`. A
+        hold waits briefly for a removal's claim to end, and an exclusive holder is
+        `LockedError`. Whether another process wrote since `foreign_changes` last looked:
+        when none did, the row is as the caller knows it and is not read."""
+        byte = _hold_offset(record_id)
+        if exclusive is None:
+            self._lock_byte(byte, fcntl.F_RDLCK, wait=_CLAIM_WAIT, record_id=record_id)
+        else:
+            self._lock_byte(byte, fcntl.F_WRLCK, wait=0.0, record_id=record_id)
+            if self.held_elsewhere(exclusive):
+                self._unlock_byte(byte)
+                raise LockedError(f"record {record_id} is locked by another process")
+        try:
+            with self._mu, self._mapped():
+                db = self._connection()
+                (version,) = _retrying(lambda: db.execute("PRAGMA data_version").fetchone())
+                if version == self._data_version:
+                    return False
+                row = _retrying(
+                    lambda: db.execute(
+                        "SELECT deleted FROM records WHERE id = ?", (record_id,)
+                    ).fetchone()
+                )
+        except BaseException:
+            self._unlock_byte(byte)
+            raise
+        if row is None or row[0]:
+            self._unlock_byte(byte)
+            raise NotFoundError(f"record {record_id} was removed")
+        return True
+
+    def hold_new(self, record_id: str) -> None:
+        """Holds a record whose row this process has just written."""
+        self._lock_byte(_hold_offset(record_id), fcntl.F_RDLCK, wait=0.0, record_id=record_id)
+
+    def unhold(self, record_id: str) -> None:
+        """Drops this process's hold on the record."""
+        self._unlock_byte(_hold_offset(record_id))
+
+    def check_unheld(self, record_ids: Iterable[str]) -> None:
+        """`LockedError` when another process holds one of the records."""
+        for record_id in self.held_elsewhere(record_ids):
+            raise LockedError(f"record {record_id} is locked by another process")
+
+    def held_elsewhere(self, record_ids: Iterable[str]) -> list[str]:
+        """The records among `record_ids` that another process holds (one `F_OFD_GETLK`
+        each)."""
+        fd = self._lock_fd_for_records()
+        held = []
+        for record_id in record_ids:
+            probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _hold_offset(record_id), 1, 0)
+            if _FLOCK.unpack(fcntl.fcntl(fd, _F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK:
+                held.append(record_id)
+        return held
+
+    def claim_removal(self, record_ids: Iterable[str]) -> bool:
+        """Marks the rows deleted unless another process holds one of them (write locks on
+        their bytes, taken without waiting) or a live row outside them is built on one (its
+        parent, or its equal mutable); whether it did. The write locks order a removal with
+        another process's `hold`: the hold waits for the claim, then finds the row deleted."""
+        ids = sorted(set(record_ids))
+        taken: list[int] = []
+        try:
+            for record_id in ids:
+                byte = _hold_offset(record_id)
+                try:
+                    self._lock_byte(byte, fcntl.F_WRLCK, wait=0.0, record_id=record_id)
+                except LockedError:
+                    return False
+                taken.append(byte)
+            marks = ", ".join("?" for _ in ids)
+            with self._transaction() as db:
+                built_on = db.execute(
+                    f"SELECT 1 FROM records WHERE NOT deleted AND id NOT IN ({marks}) "
+                    f"AND (parent IN ({marks}) OR equal_mutable IN ({marks})) LIMIT 1",
+                    (*ids, *ids, *ids),
+                ).fetchone()
+                if built_on is not None:
+                    return False
+                db.execute(f"UPDATE records SET deleted = 1 WHERE id IN ({marks})", ids)
+                for record_id in ids:
+                    known = self._known.get(record_id)
+                    if known is not None:
+                        self._known[record_id] = (*known[:-1], True)
+            return True
+        finally:
+            for byte in taken:
+                self._unlock_byte(byte)
+
+    def _lock_fd_for_records(self) -> int:
+        if self._records_lock_fd < 0:
+            raise InvalidError(f"the metadata store {self.path} is closed")
+        return self._records_lock_fd
+
+    def _lock_byte(self, offset: int, kind: int, *, wait: float, record_id: str) -> None:
+        """Takes a lock on one byte of `records.lock` without blocking, trying again for
+        up to `wait` seconds; `LockedError` when another process keeps a conflicting one."""
+        fd = self._lock_fd_for_records()
+        request = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.fcntl(fd, _F_OFD_SETLK, request)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise CacheError(f"cannot lock {RECORDS_LOCK_NAME}: {err.strerror}") from None
+            if time.monotonic() >= deadline:
+                raise LockedError(f"record {record_id} is locked by another process")
+            time.sleep(0.001)
+
+    def _unlock_byte(self, offset: int) -> None:
+        fd = self._records_lock_fd
+        if fd >= 0:
+            fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+
+    def twins_of(self, mutable_id: str) -> list[str]:
+        """Live immutable records whose equal mutable is `mutable_id` (a lazy commit)."""
+        rows = self._query(
+            "SELECT id FROM records WHERE equal_mutable = ? AND NOT deleted ORDER BY rowid",
+            (mutable_id,),
+        )
+        return [str(r[0]) for r in rows]
+
+    def usage_times(self) -> dict[str, tuple[int | None, int]]:
+        """Each row's last use and use count, which the change log leaves out (a hot
+        release writes them)."""
+        rows = self._query("SELECT id, last_used_at, usage_count FROM records")
+        return {str(r[0]): (r[1], int(r[2])) for r in rows}
+
+    def live_ids(self) -> list[str]:
+        """Ids of the rows not marked deleted, oldest first."""
+        return [str(r[0]) for r in self._query("SELECT id FROM records WHERE NOT deleted")]
+
+    def foreign_changes(self, known: Iterable[str]) -> set[str] | None:
+        """The records whose rows changed since the last call, when another connection
+        committed meanwhile (else None, at the cost of one pragma); all of `known` when
+        more changed than the log keeps."""
+        with self._mu, self._mapped():
+            db = self._connection()
+            (version,) = _retrying(lambda: db.execute("PRAGMA data_version").fetchone())
+            if version == self._data_version:
+                return None
+            self._data_version = version
+            (first,) = _retrying(lambda: db.execute("SELECT min(seq) FROM changes").fetchone())
+            rows = _retrying(
+                lambda: db.execute(
+                    "SELECT seq, record_id FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)
+                ).fetchall()
+            )
+        changed = {str(r[1]) for r in rows}
+        if first is not None and first > self._seq + 1:
+            changed.update(known)
+        if rows:
+            self._seq = int(rows[-1][0])
+        return changed
+
+    @contextmanager
+    def exclusive(self, key: str) -> Iterator[None]:
+        """A lock on `key` across processes (an OFD byte-range lock on `records.lock`,
+        dropped by the kernel with the process), waiting for it. Threads of one store share
+        its file description, so they must exclude each other on `key` themselves."""
+        offset = _offset(key)
+        fd = self._lock_fd_for_records()
+        fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        try:
+            yield
+        finally:
+            fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+
     def size_on_disk(self) -> int:
         """Bytes the database and its write-ahead log take."""
         total = 0
@@ -641,8 +1161,11 @@ class MetadataStore:
         return total
 
     def close(self) -> None:
+        """Drops this store's session file and closes the database (which ends every lock
+        of this store)."""
+        if self._session:
+            with suppress(CacheError):
+                self.reap([self._session])
         with self._mu:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._close_db()
         self._release_lock()

@@ -31,7 +31,8 @@ OWNER_LABEL: Final = "pyctrd-cache/manager"
 """On every lease a manager creates; the value is the id of the manager's metadata store."""
 KIND_LABEL: Final = "pyctrd-cache/kind"
 SESSION_LABEL: Final = "pyctrd-cache/session"
-"""The id of the `Manager.open` that created the lease (one per opening)."""
+"""The id of the `Manager.open` that created the lease (one per opening): its session in the
+metadata store, whose leases other than records' go once its process is dead."""
 
 _log = logging.getLogger("pyctrd_cache")
 
@@ -56,8 +57,13 @@ class Core:
         self.snapshotter = snapshotter
         self.mu = threading.Lock()
         self.records: dict[str, _Record] = {}
-        self.flight = SingleFlight()
+        # Calls for one key share one computation in this process, and run one after the
+        # other across processes; each call first checks whether its work is done.
+        self.flight = SingleFlight(store.exclusive)
         self.session = new_id()
+        # Records `new` is writing outside the manager lock: not loaded from their rows.
+        self.creating: set[str] = set()
+        store.open_session(self.session)
         # The leases of this state that `open` found: the ones it reconciled.
         self.seen_at_open: frozenset[str] = frozenset()
         # The background remover (eight threads: with one, finalize cycles are slower).

@@ -418,6 +418,10 @@ def _unlazy(rec: _Record, desc: Descriptor, dh: DescHandler | None) -> None:
     if dh is None:
         if rec.blob_missing():
             raise NeedsRemoteProvidersError([desc.digest])
+        # Pulled by another process (or for another record) meanwhile: this record's lease
+        # holds it too. (With a handler, opening the ingest below does the same: containerd
+        # adds a blob it already has to the lease of the call.)
+        core.client.leases.add_resource(rec.id, LeaseResource.content(desc.digest))
         return
     ingest = f"unlazy-{desc.digest}"
     content = core.client.with_lease(rec.id).content

@@ -49,7 +49,7 @@ from ..usage_filters import UsageFilter, compile_filters
 from . import _reconcile, _usage, blobs, remote_snapshots
 from ._core import KIND_LABEL, OWNER_LABEL, SESSION_LABEL, Core, new_id
 from ._usage import keep_bytes_for
-from .refs import ImmutableRef, MutableRef, _Record, now_ns, save_rows
+from .refs import ImmutableRef, MutableRef, RecordState, _Record, now_ns, save_rows
 
 __all__ = ["OWNER_LABEL", "Manager", "default_state_dir"]
 
@@ -147,9 +147,17 @@ class Manager:
         `$PYCTRD_CACHE_STATE_DIR`, else the defaults (`/run/containerd/containerd.sock`,
         `pyctrd`, `overlayfs`, `default_state_dir()`).
 
-        One manager at a time uses a state directory. While another (in any process) has it
-        open, this call waits up to `lock_timeout` seconds for it, logging once who holds it
-        (process id and command), then raises `LockedError` naming the holder.
+        Any number of managers, in any processes, may have one state directory open at
+        once; a record one of them holds is neither pruned nor taken exclusively by
+        another. Only a brief exclusive step (creating or migrating the metadata store,
+        moving a damaged one aside) makes others wait for it, up to `lock_timeout` seconds
+        but at least 10. A single-process version (schema 1) holds the directory
+        exclusively while it has it open: this call waits up to `lock_timeout` seconds for
+        it, logging once who holds it (process id and command), then raises `LockedError`
+        naming the holder.
+
+        The open that finds no other live manager reconciles the store with containerd
+        (below); one that finds others only reaps the sessions of dead processes.
 
         `shared_checker` makes the checker `disk_usage` and `prune` ask which records are
         shared; by default, those whose chain of blobs an image in the namespace's image
@@ -175,10 +183,22 @@ class Manager:
         except BaseException:
             client.close()
             raise
-        manager = cls(client, store, snapshotter, shared_checker)
+        try:
+            manager = cls(client, store, snapshotter, shared_checker)
+        except BaseException:
+            store.close()
+            client.close()
+            raise
         manager._containerd_version = version.version
         try:
-            manager._reconcile(repair=repair)
+            # One open reconciles at a time; only one that finds no other live session
+            # may repair what crashes left half done (a live one's work looks the same).
+            with store.exclusive("reconcile"):
+                manager._reap_dead_sessions()
+                if manager._alone():
+                    manager._reconcile(repair=repair)
+                else:
+                    manager._load_live_records()
             for path in mountpoints.clean_stale(manager.mounts_dir):
                 _log.debug("unmounted and removed %s, left by a process that is gone", path)
         except BaseException:
@@ -309,6 +329,76 @@ class Manager:
             # What the deleted leases held is gone before `open` returns.
             self._collect_garbage()
 
+    def _alone(self) -> bool:
+        """Whether no other manager has the state directory open (the caller reaped the
+        dead sessions)."""
+        return not any(
+            self._store.session_alive(name)
+            for name in self._store.session_names()
+            if name != self._core.session
+        )
+
+    def _load_live_records(self) -> None:
+        with self._core.mu:
+            self._load_all()
+
+    def _reap_dead_sessions(self) -> None:
+        """Gives up what processes that died left (their holds ended with them): the
+        leases of their own work (temporary, view, caller), then their session files."""
+        dead = self._store.dead_sessions()
+        if not dead:
+            return
+        owned = self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
+        for lease in owned:
+            if lease.labels.get(SESSION_LABEL) in dead and lease.labels.get(KIND_LABEL) != "record":
+                log.info("deleting lease %s of a process that died", lease.id)
+                self._core.drop_lease(lease.id)
+        log.info("reaping %d session(s) of processes that died", len(dead))
+        self._store.reap(dead)
+
+    def _sync(self) -> None:
+        """Brings the records in memory up to date with what other processes wrote: a
+        record removed there is forgotten here, a changed row is taken. One pragma when no
+        other process wrote. The manager lock is held."""
+        records = self._core.records
+        changed = self._store.foreign_changes(list(records))
+        if not changed:
+            return
+        for record_id in changed:
+            rec = records.get(record_id)
+            if rec is None:
+                continue
+            with rec.mu:
+                if rec.state is not RecordState.LIVE:
+                    continue
+                # Read under the record lock: a write of this process's under way is seen.
+                stored = self._store.get(record_id)
+                if stored is None or stored.deleted:
+                    rec.forget()
+                else:
+                    rec.refresh(stored)
+
+    def _load_all(self) -> None:
+        """Loads the live records other processes made since, and takes the last uses they
+        counted (which the change log leaves out). The manager lock is held."""
+        for record_id in self._store.live_ids():
+            if record_id not in self._core.records and record_id not in self._core.creating:
+                with contextlib.suppress(NotFoundError):
+                    self._get_record(record_id)
+        times = self._store.usage_times()
+        for rec in list(self._core.records.values()):
+            used = times.get(rec.id)
+            with rec.mu:
+                if used is not None and used != (rec.md.last_used_at, rec.md.usage_count):
+                    rec.md.last_used_at, rec.md.usage_count = used
+                    self._store.track(rec.md)
+
+    def _enter(self) -> None:
+        """The start of every operation on the records: the manager is open and its records
+        up to date. The manager lock is held."""
+        self._core.check_open()
+        self._sync()
+
     # Records. The manager lock is held for all of these.
 
     def _get_record(self, record_id: str) -> _Record:
@@ -322,6 +412,7 @@ class Manager:
         md = self._store.get(record_id)
         if md is None or md.deleted:
             raise NotFoundError(f"no record {record_id}")
+        self._store.track(md)
         if md.equal_mutable:
             mutable = self._get_record(md.equal_mutable)
             dhs = mutable.parent.desc_handlers if mutable.parent else _NO_HANDLERS
@@ -341,14 +432,39 @@ class Manager:
 
     def _get(self, record_id: str, *, trigger_last_used: bool, dhs: DescHandlers) -> ImmutableRef:
         rec = self._get_record(record_id)
+        if rec.mutable and rec.equal_immutable is None:
+            # Another process's lazy commit of it is its equal immutable here too.
+            for twin_id in self._store.twins_of(record_id):
+                with contextlib.suppress(NotFoundError):
+                    self._get_record(twin_id)
         with rec.mu:
             if rec.mutable:
                 if rec.refs:
                     raise LockedError(f"record {record_id} is locked")
                 if rec.equal_immutable is not None:
                     return rec.equal_immutable._rec.ref(trigger_last_used, dhs)
+                self._store.check_unheld([record_id])
                 return rec.commit(rec.mref(trigger_last_used, dhs))
             return rec.ref(trigger_last_used, dhs)
+
+    def _hold(self, ref: ImmutableRef) -> None:
+        """Makes `ref` the caller's handle (held across processes); on failure it is
+        released. When another process wrote meanwhile, the records are brought up to date
+        first, and a record removed there is `NotFoundError`. The manager lock is held."""
+        rec = ref._rec
+        try:
+            with rec.mu:
+                wrote = rec.take_hold()
+                ref._held = True
+            if wrote:
+                self._sync()
+                with rec.mu:
+                    if rec.is_dead():
+                        raise NotFoundError(f"record {rec.id} was removed")
+        except BaseException:
+            ref.trigger_last_used = False
+            ref._release_locked()
+            raise
 
     def _check_providers(self, ref: ImmutableRef) -> None:
         """`NeedsRemoteProvidersError` unless every lazy blob of the chain has a handler.
@@ -388,6 +504,7 @@ class Manager:
                 raise InvalidError(f"ref {parent.id} belongs to another manager")
             dhs = {**parent.desc_handlers, **(desc_handlers or {})}
             with self._core.mu:
+                self._enter()
                 parent_ref = self._get(parent.id, trigger_last_used=False, dhs=dhs)
                 self._check_providers(parent_ref)
         try:
@@ -406,7 +523,17 @@ class Manager:
                 created_at=int(created_at.timestamp() * 1e9) if created_at else now_ns(),
             )
             # The row comes first: `open` drops a row whose lease or snapshot never came.
-            self._store.insert(md)
+            with self._core.mu:
+                self._core.creating.add(record_id)
+            # Held before its row exists: another process's prune never claims it.
+            self._store.hold_new(record_id)
+            try:
+                self._store.insert(md)
+            except BaseException:
+                self._store.unhold(record_id)
+                with self._core.mu:
+                    self._core.creating.discard(record_id)
+                raise
             try:
                 leased = self._core.create_lease(record_id, "record")
                 crash_point("new.after_lease")
@@ -416,12 +543,19 @@ class Manager:
                 crash_point("new.after_prepare")
                 with self._core.mu:
                     self._core.check_open()
+                    self._core.creating.discard(record_id)
                     rec = _Record(self._core, md, mutable=True, parent=parent_ref)
                     self._core.records[record_id] = rec
                     with rec.mu:
-                        return rec.mref(True, dhs)
+                        rec.take_hold(new=True)
+                        ref = rec.mref(True, dhs)
+                        ref._held = True
+                        return ref
             except BaseException:
+                with self._core.mu:
+                    self._core.creating.discard(record_id)
                 self._drop_unborn(record_id)
+                self._store.unhold(record_id)
                 raise
         except BaseException:
             if parent_ref is not None:
@@ -440,11 +574,14 @@ class Manager:
         handler in `desc_handlers`."""
         _validate.record_id(record_id)
         with self._core.mu:
+            # No sync first: the hold brings the records up to date when another process
+            # wrote (one pragma when none did), and a record held already cannot go.
             self._core.check_open()
             ref = self._get(
                 record_id, trigger_last_used=update_last_used, dhs=desc_handlers or _NO_HANDLERS
             )
             self._check_providers(ref)
+            self._hold(ref)
             return ref
 
     def get_by_blob(
@@ -494,7 +631,10 @@ class Manager:
             if parent is not None:
                 if parent._rec.core is not self._core:
                     raise InvalidError(f"ref {parent.id} belongs to another manager")
-                parent_ref = self.get(parent.id, update_last_used=False, desc_handlers=dhs)
+                with self._core.mu:
+                    self._enter()
+                    parent_ref = self._get(parent.id, trigger_last_used=False, dhs=dhs)
+                    self._check_providers(parent_ref)
                 # Released on every way out until the new record takes it over (the path that
                 # finds a record releases it itself).
                 on_error.callback(_release_if_held, parent_ref)
@@ -506,12 +646,15 @@ class Manager:
                 chain = chain_id(pmd.chain_id, chain)
                 blob_chain = chain_id(pmd.blob_chain_id, blob_chain)
                 parent_ref.finalize()
-            with self._core.mu:
-                self._core.check_open()
+            # One process at a time looks for the blob chain and makes its record, so that
+            # two processes getting one blob at once share one record.
+            with self._core.mu, self._store.exclusive(f"blob-chain-{blob_chain}"):
+                self._enter()
                 found = self._find_by_blob_chain(blob_chain, dhs)
                 if found is not None:
                     if parent_ref is not None:
                         parent_ref._release_locked()
+                    self._hold(found)
                     self._add_image_ref(found._rec, image_ref)
                     return found
                 ref = self._new_blob_record(
@@ -595,15 +738,20 @@ class Manager:
                 record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
             )
             self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
+            # Held before its row is live: another process's prune never claims it.
+            self._store.hold_new(record_id)
             md.deleted = False
             self._store.update(md)
         except BaseException:
             self._drop_unborn(record_id)
+            self._store.unhold(record_id)
             raise
         rec = _Record(self._core, md, mutable=False, parent=parent_ref)
         self._core.records[record_id] = rec
         with rec.mu:
-            return rec.ref(True, dhs)
+            ref = rec.ref(True, dhs)
+        self._hold(ref)
+        return ref
 
     def _snapshot_to_share(self, chain: str, dhs: DescHandlers) -> tuple[str, bool]:
         """The snapshot a new record of chain id `chain` shares, and whether it is still to
@@ -641,20 +789,32 @@ class Manager:
         immutable is open. An unfinalized equal immutable record is dropped."""
         _validate.record_id(record_id)
         with self._core.mu:
-            self._core.check_open()
+            self._enter()
             rec = self._get_record(record_id)
+            twins = self._store.twins_of(record_id)
+            for twin_id in twins:
+                with contextlib.suppress(NotFoundError):
+                    self._get_record(twin_id)
             with rec.mu:
                 if not rec.mutable:
                     raise InvalidError(f"record {record_id} is not mutable")
                 if rec.refs:
                     raise LockedError(f"record {record_id} is locked")
                 twin = rec.equal_immutable
+                if twin is not None and twin._rec.refs:
+                    raise LockedError(f"record {record_id} is locked")
+                # Exclusive across processes: no other process holds it or its twin.
+                rec.take_hold(exclusive=twins)
+                ref = rec.mref(True, _NO_HANDLERS)
+                ref._held = True
                 if twin is not None:
-                    if twin._rec.refs:
-                        raise LockedError(f"record {record_id} is locked")
                     rec.equal_immutable = None
-                    twin._rec.remove()
-                return rec.mref(True, _NO_HANDLERS)
+                    if not twin._rec.remove():
+                        rec.equal_immutable = twin
+                        rec.refs.discard(ref)
+                        rec.drop_hold(ref)
+                        raise LockedError(f"record {record_id} is locked by another process")
+                return ref
 
     @contextlib.contextmanager
     def lease(self, *, expire: timedelta | None = None) -> Iterator[str]:
@@ -705,7 +865,7 @@ class Manager:
         and a lazy one needs no provider. `NotFoundError` for an unknown or removed one."""
         _validate.record_id(record_id)
         with self._core.mu:
-            self._core.check_open()
+            self._enter()
             rec = self._get_record(record_id)
             with rec.mu:
                 return rec.info()
@@ -786,6 +946,9 @@ class Manager:
         # Handles that records being removed still hold on their parents.
         leaving: list[str] = []
         with self._core.mu:
+            self._enter()
+            self._load_all()
+            foreign = set(self._store.held_elsewhere(list(self._core.records)))
             for rec in list(self._core.records.values()):
                 with rec.mu:
                     if rec.is_dead():
@@ -798,7 +961,8 @@ class Manager:
                     entries[rec.id] = _UsageEntry(
                         rec,
                         rec.info(),
-                        refs=len(rec.refs),
+                        # Another process's handles count as one.
+                        refs=len(rec.refs) + _held_by(rec, foreign),
                         double_ref=rec.equal_immutable is not None,
                         chain=rec.parent_chain(),
                     )
@@ -853,6 +1017,10 @@ class Manager:
 
         with self._prune_mu:
             self._wait_background()
+            self._reap_dead_sessions()
+            with self._core.mu:
+                self._enter()
+                self._load_all()
             gone = _Gone()
             for policy, match in compiled or [(PrunePolicy(), compile_filters(()))]:
                 self._prune_once(policy, match, report, gone, dry_run=dry_run)
@@ -868,17 +1036,23 @@ class Manager:
 
         A call of a killed process can reach containerd after the next `open` listed the
         leases, and a lease it creates escapes that reconcile: a lease of this state made by
-        another opening that `open` did not see is such a latecomer (one opening at a time
-        holds the state), and nothing accounts for it.
+        a dead session is such a latecomer unless it is a record's lease that `open` saw or
+        whose row exists. A live session's leases are its own business.
         """
         owned = self._client.leases.list(f'labels."{OWNER_LABEL}"=={self.manager_id}')
+        alive: dict[str, bool] = {}
         for lease in owned:
-            if (
-                lease.labels.get(SESSION_LABEL) != self._core.session
-                and lease.id not in self._core.seen_at_open
+            session = lease.labels.get(SESSION_LABEL, "")
+            if session not in alive:
+                alive[session] = self._store.session_alive(session)
+            if alive[session]:
+                continue
+            if lease.labels.get(KIND_LABEL) == "record" and (
+                lease.id in self._core.seen_at_open or self._store.get(lease.id) is not None
             ):
-                log.info("deleting lease %s, made by an earlier opening after it ended", lease.id)
-                self._core.drop_lease(lease.id)
+                continue
+            log.info("deleting lease %s, made by an earlier opening after it ended", lease.id)
+            self._core.drop_lease(lease.id)
         log.debug("asking containerd to collect garbage")
         gc_lease = f"gc-{new_id()}"
         self._client.leases.create(gc_lease, labels=self._core.lease_labels("gc"))
@@ -924,8 +1098,11 @@ class Manager:
             )
         ranked = bool(keep)
 
+        with self._core.mu:
+            foreign = set(self._store.held_elsewhere(list(self._core.records)))
+
         def prunable(rec: _Record) -> bool:
-            return self._prunable(rec, policy, match, cut_off, checker, gone)
+            return self._prunable(rec, policy, match, cut_off, checker, gone, foreign)
 
         with self._core.mu:
             records = list(self._core.records.values())
@@ -957,9 +1134,11 @@ class Manager:
         cut_off: int | None,
         checker: SharedChecker | None,
         gone: _Gone,
+        foreign: set[str],
     ) -> bool:
         """Whether the policy allows removing `rec` now: unused (but for handles that
-        records already removed held), not kept by the policy, matching its filters.
+        records already removed held) here and in other processes (`foreign`, the records
+        they hold), not kept by the policy, matching its filters.
 
         Judged under the record's lock only: a record gains a handle only under that lock,
         and `_remove_unused` checks again before it removes.
@@ -970,6 +1149,7 @@ class Manager:
                 or rec.is_dead()
                 or rec.id in gone.ids
                 or gone.holds(rec)
+                or _held_by(rec, foreign)
             ):
                 return False
             if (
@@ -1007,6 +1187,10 @@ class Manager:
                 elif not others and rec.md.blob_only:
                     size += snapshot_usage  # a linked snapshot goes with its last holder
             info = self._usage_info(rec.info(), 0, size=max(0, size), shared=False)
+            if not dry_run and not self._store.claim_removal(
+                [rec.id] + ([twin.id] if twin is not None else [])
+            ):
+                return None  # another process holds it or built on it meanwhile
             gone.add(rec, twin, info.size)
             if dry_run:
                 return info
@@ -1062,6 +1246,15 @@ def _release_if_held(ref: ImmutableRef) -> None:
     """Releases `ref` unless it was released already (a handle given up on an error path)."""
     if not ref._released:
         ref.release()
+
+
+def _held_by(rec: _Record, foreign: set[str]) -> int:
+    """1 when another process holds `rec` or its equal twin, else 0."""
+    twins = {rec.id}
+    for twin in (rec.equal_mutable, rec.equal_immutable):
+        if twin is not None:
+            twins.add(twin.id)
+    return 1 if twins & foreign else 0
 
 
 def _age(entry: _UsageEntry) -> tuple[datetime, str]:

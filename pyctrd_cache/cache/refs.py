@@ -16,6 +16,7 @@ checked against `_TRANSITIONS`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import pathlib
@@ -107,6 +108,9 @@ class _Record:
         self._parent_chain: list[str] | None = None
         # Counts the changes of content or layout that make a measured size stale.
         self.size_epoch = 0
+        # The caller's handles (not the parent handles of child records): while there is
+        # one, this process holds the record across processes (`MetadataStore.hold`).
+        self.holders = 0
 
     @property
     def id(self) -> str:
@@ -244,6 +248,63 @@ class _Record:
         self.md.last_used_at = now_ns()
         self.save()
 
+    # Holds: another process may remove or take exclusively no record this process holds.
+
+    def take_hold(self, *, exclusive: Iterable[str] | None = None, new: bool = False) -> bool:
+        """Counts one more caller's handle (the caller marks it `_held`); the first one holds
+        the record across processes (`MetadataStore.hold`: `NotFoundError` when another
+        process removed it; with `exclusive`, `LockedError` when another holds it or one of
+        those). `new`: the row was just written by this process. Whether another process
+        wrote since the records were last brought up to date. Caller holds `self.mu`."""
+        wrote = False
+        if self.holders == 0:
+            if new:
+                self.core.store.hold_new(self.id)
+            else:
+                wrote = self.core.store.hold(self.id, exclusive=exclusive)
+        self.holders += 1
+        return wrote
+
+    def drop_hold(self, ref: Ref) -> None:
+        """Uncounts `ref`; with the last caller's handle the hold goes. Caller holds
+        `self.mu`."""
+        if not ref._held:
+            return
+        ref._held = False
+        self.holders -= 1
+        if not self.holders:
+            self.core.store.unhold(self.id)
+
+    def forget(self) -> None:
+        """Drops a record that another process removed from memory alone: it goes GONE,
+        leaves the manager and releases its parent handle; neither its row nor containerd is
+        touched. Caller holds the manager lock and `self.mu`."""
+        self._transition(RecordState.GONE)
+        self.core.records.pop(self.id, None)
+        if self.parent is not None:
+            prec = self.parent._rec
+            with prec.mu:
+                prec.release_immutable(self.parent)
+
+    def refresh(self, stored: RecordMeta) -> None:
+        """Takes the row another process wrote: a finalize made there unlinks the equal
+        mutable, and a new blob or snapshot makes the measured size stale. Caller holds
+        `self.mu`."""
+        if self.equal_mutable is not None and not stored.equal_mutable:
+            self.equal_mutable._rec.equal_immutable = None
+            self.equal_mutable = None
+        md = self.md
+        if (md.blob, md.snapshot_id, md.blob_only) != (
+            stored.blob,
+            stored.snapshot_id,
+            stored.blob_only,
+        ):
+            self._parent_chain = None
+            self.size_epoch += 1
+        for f in dataclasses.fields(stored):
+            setattr(md, f.name, getattr(stored, f.name))
+        self.core.store.track(md)
+
     def info(self) -> RefInfo:
         """The record's metadata as the public API shows it. Caller holds `self.mu`."""
         md = self.md
@@ -281,6 +342,7 @@ class _Record:
             self.update_last_used()
             if self.equal_mutable is not None:
                 self.equal_mutable.trigger_last_used = True
+        self.drop_hold(ref)
         if self.refs:
             return
         if self.view:
@@ -295,6 +357,7 @@ class _Record:
         its unfinalized equal immutable unless that one is RETAIN. Caller holds the manager
         lock and `self.mu`."""
         self.refs.discard(ref)
+        self.drop_hold(ref)
         # Whatever the handle wrote (through mounts or apply) is measured afresh.
         self.invalidate_size()
         if self.md.cache_policy is not CachePolicy.RETAIN:
@@ -314,12 +377,17 @@ class _Record:
             self.update_last_used()
             ref.trigger_last_used = False
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
         """Drops the record: releases its parent, deletes its lease, clears its row. The row
         is marked deleted before the lease goes, so that a crash in between is finished by
-        `Manager.open`. Caller holds the manager lock and `self.mu`."""
+        `Manager.open`. Nothing happens when another process holds the record or built on
+        it (`MetadataStore.claim_removal`); whether it was removed. Caller holds the manager
+        lock and `self.mu`."""
+        if self._state is RecordState.LIVE and not self.core.store.claim_removal([self.id]):
+            return False
         self.detach()
         self.purge()
+        return True
 
     def detach(self) -> None:
         """The part of `remove` that needs the locks: the record goes GONE (first, so that
@@ -358,6 +426,27 @@ class _Record:
         deleted (in the same transaction that clears the link), and the mutable's removal
         runs afterwards outside the record lock.
         """
+        if self.equal_mutable is None:
+            return
+        # One process at a time finalizes a record; a later one finds the row finalized.
+        with self.core.store.exclusive(f"finalize-{self.id}"):
+            stored = self.core.store.get(self.id)
+            if stored is not None and not stored.deleted and not stored.equal_mutable:
+                self._finalized_elsewhere(stored)
+            else:
+                self._finalize()
+
+    def _finalized_elsewhere(self, stored: RecordMeta) -> None:
+        """Takes a finalize another process made: the row, and the equal mutable (whose row
+        that process marked deleted) goes REMOVING here too. Caller holds `self.mu`."""
+        mutable = self.equal_mutable
+        self.refresh(stored)
+        if mutable is not None and mutable._rec.state is RecordState.LIVE:
+            mutable._rec._transition(RecordState.REMOVING)
+            self.core.remove_later(mutable._rec)
+
+    def _finalize(self) -> None:
+        """`finalize` under the lock across processes. Caller holds `self.mu`."""
         mutable = self.equal_mutable
         if mutable is None:
             return
@@ -397,11 +486,19 @@ class _Record:
         dhs = ref.desc_handlers
         rec = _Record(self.core, md, mutable=False, parent=self.parent_ref(False, dhs), mu=self.mu)
         rec.equal_mutable = ref
-        self.core.store.insert(md)
+        # Held before its row exists: another process's prune never claims it.
+        self.core.store.hold_new(md.id)
+        try:
+            self.core.store.insert(md)
+        except BaseException:
+            self.core.store.unhold(md.id)
+            raise
         ref._released = ref._passed = True
         crash_point("commit.after_insert")
         self.core.records[md.id] = rec
         immutable = rec.ref(True, dhs)
+        rec.take_hold(new=True)
+        immutable._held = True
         self.equal_immutable = immutable
         return immutable
 
@@ -539,6 +636,8 @@ class Ref:
         self._released = False
         self._passed = False
         """Set when `commit` passed this mutable handle into an immutable ref."""
+        self._held = False
+        """Whether this is a caller's handle, counted in the record's holds."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
@@ -702,13 +801,19 @@ class ImmutableRef(Ref):
     def parent(self) -> ImmutableRef | None:
         """A new handle on the parent record (release it), or None."""
         self._check()
-        return self._rec.parent_ref(True, self.desc_handlers)
+        ref = self._rec.parent_ref(True, self.desc_handlers)
+        if ref is not None:
+            _hold_or_release(ref)
+        return ref
 
     def clone(self) -> ImmutableRef:
         """A new handle on the same record."""
         self._check()
         with self._rec.mu:
-            return self._rec.ref(False, self.desc_handlers)
+            ref = self._rec.ref(False, self.desc_handlers)
+            self._rec.take_hold()
+            ref._held = True
+            return ref
 
     def size(self) -> int:
         """Bytes used: snapshot usage plus the blob and its compression variants."""
@@ -815,6 +920,19 @@ class MutableRef(Ref):
         a blob in the content store) into the snapshot through containerd's diff service."""
         self._check()
         blobs.apply_layer(self, layer, media_type)
+
+
+def _hold_or_release(ref: ImmutableRef) -> None:
+    """Counts a new handle as the caller's; on failure it is released and the error
+    raised."""
+    try:
+        with ref._rec.mu:
+            ref._rec.take_hold()
+            ref._held = True
+    except BaseException:
+        ref.trigger_last_used = False
+        ref.release()
+        raise
 
 
 def _mount_one(m: Mount, target: pathlib.Path) -> None:

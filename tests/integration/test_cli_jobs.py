@@ -5,6 +5,7 @@ completion and registry credentials from helpers."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -201,30 +202,44 @@ def _stderr_line_with(process: subprocess.Popen[str], fragment: str, timeout: fl
     raise AssertionError(f"no stderr line with {fragment!r} in {seen}")
 
 
-def test_a_second_job_waits_for_the_state_directory_then_runs(
+def test_a_second_job_runs_beside_the_first_and_waits_only_for_an_exclusive_holder(
     managers: Managers, cli: Cli, tree: pathlib.Path
 ) -> None:
     holder = managers.open(cli.state)
     record = imported(holder, tree, "held")
-
+    held = holder.get(record)
+    # No queueing behind an open manager: the job runs at once and sees the handle.
     quick = cli("--lock-timeout", "0", "ls")
-    one_line_error(quick, "is in use", f"pid {os.getpid()}")
+    assert quick.returncode == 0, quick.stderr
+    assert quick.stdout.split()[0] == record
+    assert "in-use" in quick.stdout.split()
+    held.release()
+    holder.close()
 
-    waiting = subprocess.Popen(
-        cli_args(cli, "--lock-timeout", "60s", "ls"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A process holding the directory exclusively (as a single-process version does while
+    # open) is waited for.
+    fd = os.open(cli.state / "lock", os.O_RDWR)
     try:
-        line = _stderr_line_with(waiting, "waiting up to 60s", timeout=60)
-        assert f"pid {os.getpid()}" in line
-        assert waiting.poll() is None
-        holder.close()
-        stdout, stderr = waiting.communicate(timeout=60)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, f"{os.getpid()} old pyctrd-cache\n".encode(), 0)
+        one_line_error(cli("--lock-timeout", "0", "ls"), "is in use", f"pid {os.getpid()}")
+        waiting = subprocess.Popen(
+            cli_args(cli, "--lock-timeout", "60s", "ls"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = _stderr_line_with(waiting, "waiting up to 60s", timeout=60)
+            assert f"pid {os.getpid()}" in line
+            assert waiting.poll() is None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            stdout, stderr = waiting.communicate(timeout=60)
+        finally:
+            waiting.kill()
+            waiting.wait()
     finally:
-        waiting.kill()
-        waiting.wait()
+        os.close(fd)
     assert waiting.returncode == 0, stderr
     assert stdout.split()[0] == record
 

@@ -3,6 +3,7 @@ against real containerd daemons."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Mapping
@@ -388,17 +389,32 @@ def test_readonly_mounts_rewrite_overlay_and_bind_options() -> None:
     ]
 
 
-def test_state_directory_is_private_and_locked(managers: Managers) -> None:
+def test_state_directory_is_private_and_shared(managers: Managers) -> None:
     old = os.umask(0)
     try:
         cm = managers.open()
+        other = managers.open()  # any number of managers share the directory
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(cm.state_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(cm.state_dir / "metadata.db").st_mode) == 0o600
-    with pytest.raises(LockedError, match="in use by another open manager"):
-        managers.open()
+    sessions = cm.state_dir / "sessions"
+    assert stat.S_IMODE(os.stat(sessions).st_mode) == 0o700
+    assert sorted(p.name for p in sessions.iterdir()) == sorted(
+        [cm._core.session, other._core.session]
+    )
+    assert {stat.S_IMODE(p.stat().st_mode) for p in sessions.iterdir()} == {0o600}
+    other.close()
+    assert [p.name for p in sessions.iterdir()] == [cm._core.session]
     cm.close()
+    # A holder of the exclusive lock (a single-process version holds it while open) refuses.
+    fd = os.open(managers.state_dir / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(LockedError, match="in use by another open manager"):
+            managers.open()
+    finally:
+        os.close(fd)
     managers.open().close()
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 
 from tests.fix_containerd import ROOT, Daemon
@@ -15,7 +16,8 @@ from tests.fix_containerd import ROOT, Daemon
 class WorkloadChild:
     """A workload child process; `kept` maps each record it kept to its tree digest, and
     `faults` counts the calls it saw fail while containerd was unavailable (retried, or
-    given up with `UnavailableError`)."""
+    given up with `UnavailableError`). `module` is the child's module, which takes
+    workload.py's arguments, then `extra`, and speaks its protocol."""
 
     def __init__(
         self,
@@ -26,16 +28,19 @@ class WorkloadChild:
         seconds: float,
         *,
         tolerate_unavailable: bool = False,
+        module: str = "tests.reliability.workload",
+        extra: Sequence[str] = (),
     ) -> None:
         command = [
             sys.executable,
             "-m",
-            "tests.reliability.workload",
+            module,
             daemon.address,
             namespace,
             state_dir,
             str(seed),
             str(seconds),
+            *extra,
         ]
         if tolerate_unavailable:
             command.append("--tolerate-unavailable")

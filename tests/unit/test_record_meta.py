@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from pyctrd_cache import CachePolicy, RecordType, StoreDamagedError
+from pyctrd_cache import CachePolicy, LockedError, NotFoundError, RecordType, StoreDamagedError
 from pyctrd_cache.metadata import DB_NAME, MetadataStore, RecordMeta
 
 
@@ -75,3 +75,51 @@ def test_a_value_no_version_writes_is_a_damaged_store(
             store.get("x")
     finally:
         store.close()
+
+
+def test_an_update_writes_only_the_columns_this_store_changed(tmp_path: pathlib.Path) -> None:
+    # Two stores on one directory, as two processes have them: one's write of a column must
+    # not undo the other's change of another column (a finalize there, a size here).
+    mine, theirs = MetadataStore(tmp_path), MetadataStore(tmp_path)
+    try:
+        md = RecordMeta("r", equal_mutable="m", snapshot_id="m")
+        mine.insert(md)
+        finalized = theirs.get("r")
+        assert finalized is not None
+        theirs.track(finalized)
+        finalized.equal_mutable, finalized.snapshot_id = "", "r"
+        theirs.update(finalized)
+        md.size = 42  # still the stale row in memory here
+        mine.update(md)
+        assert mine.get("r") == RecordMeta("r", snapshot_id="r", size=42)
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_a_hold_of_another_store_blocks_removal_until_it_ends(tmp_path: pathlib.Path) -> None:
+    # Two stores stand for two processes: their locks are on two open file descriptions.
+    mine, theirs = MetadataStore(tmp_path), MetadataStore(tmp_path)
+    try:
+        mine.insert(RecordMeta("r"))
+        theirs.hold("r")
+        assert mine.held_elsewhere(["r", "s"]) == ["r"]
+        assert theirs.held_elsewhere(["r"]) == []
+        assert mine.claim_removal(["r"]) is False
+        with pytest.raises(LockedError):
+            mine.hold("r", exclusive=())
+    finally:
+        theirs.close()  # its process ends: so do its locks
+    later = MetadataStore(tmp_path)
+    try:
+        assert mine.held_elsewhere(["r"]) == []
+        assert mine.claim_removal(["r"]) is True
+        stored = mine.get("r")
+        assert stored is not None
+        assert stored.deleted
+        with pytest.raises(NotFoundError):
+            later.hold("r")  # it sees the claim another store committed
+        assert mine.held_elsewhere(["r"]) == []  # the refused hold was given up
+    finally:
+        mine.close()
+        later.close()

@@ -33,7 +33,7 @@ class _Store:
     def __init__(self) -> None:
         self.updates: list[tuple[str, bool]] = []
 
-    def update(self, *metas: RecordMeta) -> None:
+    def update(self, *metas: RecordMeta, unhold: tuple[str, str] | None = None) -> None:
         self.updates += [(md.id, md.deleted) for md in metas]
 
 
