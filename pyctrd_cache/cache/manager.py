@@ -654,7 +654,6 @@ class Manager:
                 if found is not None:
                     if parent_ref is not None:
                         parent_ref._release_locked()
-                    self._hold(found)
                     self._add_image_ref(found._rec, image_ref)
                     return found
                 ref = self._new_blob_record(
@@ -671,21 +670,30 @@ class Manager:
             # The new record holds the parent handle now.
             on_error.pop_all()
         if local:
+            # The record's lease holds the blob now, so a blob still there stays; one another
+            # process's prune let containerd collect since the look above leaves the record
+            # lazy (moby/buildkit#2346).
             try:
                 blobs.add_compression_blob(ref._rec, replace(desc, annotations=saved), compression)
+            except NotFoundError:
+                if desc.digest not in dhs:
+                    ref.release()
+                    raise NeedsRemoteProvidersError([desc.digest]) from None
             except BaseException:
                 ref.release()
                 raise
         return ref
 
     def _find_by_blob_chain(self, blob_chain: str, dhs: DescHandlers) -> ImmutableRef | None:
-        """A handle on a live record with the blob chain `blob_chain`; the manager lock is
-        held."""
+        """The caller's handle (held) on a live record with the blob chain `blob_chain`; a
+        record another process claims meanwhile is passed over. The manager lock is held."""
         for record_id in self._store.search_blob_chain(blob_chain):
             try:
-                return self._get(record_id, trigger_last_used=True, dhs=dhs)
+                found = self._get(record_id, trigger_last_used=True, dhs=dhs)
+                self._hold(found)
             except NotFoundError:
                 continue
+            return found
         return None
 
     def _add_image_ref(self, rec: _Record, image_ref: str | None) -> None:
