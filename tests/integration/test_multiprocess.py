@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,11 +16,13 @@ import pytest
 
 from pyctrd_cache import (
     CachePolicy,
+    Compression,
     LockedError,
     Manager,
     NeedsRemoteProvidersError,
     PrunePolicy,
 )
+from pyctrd_cache.cache import converter
 from pyctrd_cache.client import Client
 from pyctrd_cache.metadata import DB_NAME, SCHEMA_VERSION
 from pyctrd_cache.remote import DescHandler
@@ -202,6 +205,36 @@ def test_two_converters_of_one_blob_in_two_records(
     answers = [peer.answer() for peer in converters]
     assert answers[0] == answers[1]
     assert client.content.list_statuses() == []
+
+
+def test_a_conversion_waits_for_another_writer_of_its_ingest(
+    managers: Managers, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob, _ = layer({"etc/converted": os.urandom(1 << 16)})
+    cm = managers.open()
+    work = cm.new(cache_policy=CachePolicy.RETAIN)
+    work.apply(blob)
+    snap = work.commit()
+    snap.finalize()
+    (gzip_desc,) = snap.get_remote().descriptors
+    # A writer this process's locks do not order (a process of an older version) has the
+    # conversion's ingest open; it ends while the conversion waits.
+    other = client.content.writer(f"convert-{gzip_desc.digest}-zstd")
+    waits: list[float] = []
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            other.close()
+
+    monkeypatch.setattr(converter, "time", Clock)
+    (zstd,) = snap.get_remote(compression=Compression.ZSTD, force_compression=True).descriptors
+    assert zstd.media_type.endswith("zstd")
+    assert len(waits) == 1
+    snap.release()
 
 
 def test_a_blob_collected_before_its_record_holds_it_leaves_the_record_lazy(
