@@ -28,7 +28,7 @@ from pyctrd_cache.metadata import DB_NAME, SCHEMA_VERSION
 from pyctrd_cache.remote import DescHandler
 from tests.checks import gc, owned_leases, snapshot_names
 from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
-from tests.layers import BytesProvider, layer
+from tests.layers import TAR, BytesProvider, layer
 from tests.mp_peer import Peer, PeerError
 from tests.reliability.invariants import check_all
 
@@ -299,6 +299,43 @@ def test_a_record_found_by_blob_but_pruned_before_the_hold_is_made_again(
         assert ref.id != first_id
         assert ref.info().blob == desc.digest
     assert not pruner.process.is_alive()
+
+
+def test_a_snapshot_shared_with_a_new_record_is_not_pruned_before_its_lease_holds_it(
+    daemon: Daemon,
+    managers: Managers,
+    peers: list[Peer],
+    client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two blobs of one diff (gzip and plain): the second's record shares the first's
+    # snapshot; another process prunes meanwhile.
+    files = {"etc/linked": b"l" * 1000}
+    blob, desc = layer(files)
+    plain_blob, plain = layer(files, TAR)
+    handlers = {
+        desc.digest: DescHandler(BytesProvider(blob)),
+        plain.digest: DescHandler(BytesProvider(plain_blob)),
+    }
+    cm = managers.open()
+    with cm.get_by_blob(desc, desc_handlers=handlers) as first:
+        first.extract()
+        first_id = first.id
+    pruner = _peer(daemon, managers, peers)
+    adding = cm._client.leases.add_resource
+
+    def pruned_meanwhile(lease_id: str, resource: Any) -> None:
+        if pruner.process.is_alive():
+            pruner.run("cm.prune(PrunePolicy(all=True))")
+            pruner.close()
+            gc(client)
+        adding(lease_id, resource)
+
+    monkeypatch.setattr(cm._client.leases, "add_resource", pruned_meanwhile)
+    with cm.get_by_blob(plain, desc_handlers=handlers) as second, cm.get(first_id) as first:
+        assert second.info().snapshot_id == first.info().snapshot_id
+        assert second.info().blob_only is False
+        assert second.info().snapshot_id in snapshot_names(client)
 
 
 def _open_fresh(
