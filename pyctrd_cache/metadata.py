@@ -336,6 +336,15 @@ def _lock_file(fd: int, directory: pathlib.Path, timeout: float, *, shared: bool
             time.sleep(_LOCK_POLL)
 
 
+def _opening(fd: int, kind: int) -> None:
+    """Takes (waiting) or gives up the opening lock, a write lock on the first byte of the
+    directory's lock file `fd` (an OFD lock, apart from its `flock`): one store at a time
+    goes from the shared lock to the schema check, and the exclusive lock when needed.
+    Stores opening at once so wait in line holding nothing, rather than each holding the
+    shared lock that another's exclusive lock for creating the schema waits for."""
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
+
+
 def _write_holder(fd: int, *, brief: bool = False) -> None:
     """Records this process in the lock file it holds, for those who wait for it; `brief`
     says that the hold ends soon (they wait for it whatever their timeout)."""
@@ -395,7 +404,10 @@ class MetadataStore:
         self._lock_fd = self._lock_directory(self._lock_timeout)
         try:
             self._records_lock_fd = self._open_file(RECORDS_LOCK_NAME, os.O_RDWR | os.O_CREAT)
-            self.manager_id = self._open(repair)
+            try:
+                self.manager_id = self._open(repair)
+            finally:
+                _opening(self._lock_fd, fcntl.F_UNLCK)
             with self._mu, self._mapped():
                 db = self._connection()
                 (self._data_version,) = _retrying(
@@ -626,6 +638,7 @@ class MetadataStore:
                 f"cannot use state directory {self.state_dir}: {err.strerror}"
             ) from None
         try:
+            _opening(fd, fcntl.F_WRLCK)
             _lock_file(fd, self.state_dir, timeout, shared=True)
         except BaseException:
             os.close(fd)

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from ..compression import (
     media_type_for,
     needs_conversion,
 )
-from ..errors import CacheError, InvalidError, NotFoundError
+from ..errors import CacheError, InvalidError, LockedError, NotFoundError
 from ..estargz import EStargzLayer, write_estargz
 from ..remote import DescHandlers
 from .blobs import (
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyctrd_cache.blobs")
 
+# How long a conversion waits for another writer of its ingest.
+_LOCKED_WAIT = 30.0
+
 
 def ensure_compression(
     rec: _Record, dhs: DescHandlers, leased: Client, compression: Compression
@@ -60,10 +64,33 @@ def ensure_compression(
         with contextlib.suppress(NotFoundError):
             get_compression_blob(rec, compression)
             return
-        unlazy(rec, desc, dhs.get(desc.digest))
-        variant = convert(core, leased, desc, compression, rec.md.diff_id)
+        made = core.flight.do(f"convert-{desc.digest}-{compression.value}", lambda: make(desc))
+        if made[0] is not rec:
+            add_compression_blob(rec, made[1], compression)
+
+    def make(desc: Descriptor) -> tuple[_Record, Descriptor]:
+        # Records of one blob share its variants and the conversion's ingest: it runs once
+        # across records and processes, and looks first for the variant another one made.
+        # containerd's `locked` on the ingest is a writer this lock does not order (a
+        # process of an older version): waited for, then the variant looked for again.
+        deadline = time.monotonic() + _LOCKED_WAIT
+        pause = 0.05
+        while True:
+            with contextlib.suppress(NotFoundError):
+                return rec, get_compression_blob(rec, compression)
+            unlazy(rec, desc, dhs.get(desc.digest))
+            try:
+                variant = convert(core, leased, desc, compression, rec.md.diff_id)
+            except LockedError:
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            break
         add_compression_blob(rec, variant, compression)
         log.debug("made the %s variant %s of %s", compression.value, variant.digest, desc.digest)
+        return rec, variant
 
     core.flight.do(f"compress-{rec.id}-{compression.value}", ensure)
 

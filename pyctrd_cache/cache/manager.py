@@ -654,7 +654,6 @@ class Manager:
                 if found is not None:
                     if parent_ref is not None:
                         parent_ref._release_locked()
-                    self._hold(found)
                     self._add_image_ref(found._rec, image_ref)
                     return found
                 ref = self._new_blob_record(
@@ -671,21 +670,30 @@ class Manager:
             # The new record holds the parent handle now.
             on_error.pop_all()
         if local:
+            # The record's lease holds the blob now, so a blob still there stays; one another
+            # process's prune let containerd collect since the look above leaves the record
+            # lazy (moby/buildkit#2346).
             try:
                 blobs.add_compression_blob(ref._rec, replace(desc, annotations=saved), compression)
+            except NotFoundError:
+                if desc.digest not in dhs:
+                    ref.release()
+                    raise NeedsRemoteProvidersError([desc.digest]) from None
             except BaseException:
                 ref.release()
                 raise
         return ref
 
     def _find_by_blob_chain(self, blob_chain: str, dhs: DescHandlers) -> ImmutableRef | None:
-        """A handle on a live record with the blob chain `blob_chain`; the manager lock is
-        held."""
+        """The caller's handle (held) on a live record with the blob chain `blob_chain`; a
+        record another process claims meanwhile is passed over. The manager lock is held."""
         for record_id in self._store.search_blob_chain(blob_chain):
             try:
-                return self._get(record_id, trigger_last_used=True, dhs=dhs)
+                found = self._get(record_id, trigger_last_used=True, dhs=dhs)
+                self._hold(found)
             except NotFoundError:
                 continue
+            return found
         return None
 
     def _add_image_ref(self, rec: _Record, image_ref: str | None) -> None:
@@ -709,43 +717,47 @@ class Manager:
         cache_policy: CachePolicy,
     ) -> ImmutableRef:
         """A new record for a blob; the manager lock is held."""
-        snapshot_id, blob_only = self._snapshot_to_share(chain, dhs)
-        record_id = new_id()
-        # The row comes first, marked deleted until the lease holds the snapshot and the blob:
-        # `open` finishes a creation that stopped in between as a removal.
-        md = RecordMeta(
-            record_id,
-            committed=True,
-            parent=parent_ref.id if parent_ref else "",
-            snapshot_id=snapshot_id,
-            cache_policy=CachePolicy(cache_policy),
-            description=description or "",
-            created_at=now_ns(),
-            diff_id=diff_id,
-            chain_id=chain,
-            blob_chain_id=blob_chain,
-            blob=desc.digest,
-            blob_only=blob_only,
-            media_type=desc.media_type,
-            blob_size=desc.size,
-            image_refs=[image_ref] if image_ref else [],
-            deleted=True,
-        )
-        self._store.insert(md)
-        try:
-            self._core.create_lease(record_id, "record")
-            self._client.leases.add_resource(
-                record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
+        snapshot_id, blob_only, link = self._snapshot_to_share(chain, dhs)
+        with contextlib.ExitStack() as linked:
+            if link is not None:
+                # Released once the new record's lease holds the snapshot.
+                linked.callback(link._release_locked)
+            record_id = new_id()
+            # The row comes first, marked deleted until the lease holds the snapshot and the blob:
+            # `open` finishes a creation that stopped in between as a removal.
+            md = RecordMeta(
+                record_id,
+                committed=True,
+                parent=parent_ref.id if parent_ref else "",
+                snapshot_id=snapshot_id,
+                cache_policy=CachePolicy(cache_policy),
+                description=description or "",
+                created_at=now_ns(),
+                diff_id=diff_id,
+                chain_id=chain,
+                blob_chain_id=blob_chain,
+                blob=desc.digest,
+                blob_only=blob_only,
+                media_type=desc.media_type,
+                blob_size=desc.size,
+                image_refs=[image_ref] if image_ref else [],
+                deleted=True,
             )
-            self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
-            # Held before its row is live: another process's prune never claims it.
-            self._store.hold_new(record_id)
-            md.deleted = False
-            self._store.update(md)
-        except BaseException:
-            self._drop_unborn(record_id)
-            self._store.unhold(record_id)
-            raise
+            self._store.insert(md)
+            try:
+                self._core.create_lease(record_id, "record")
+                self._client.leases.add_resource(
+                    record_id, LeaseResource.snapshot(self.snapshotter, snapshot_id)
+                )
+                self._client.leases.add_resource(record_id, LeaseResource.content(desc.digest))
+                # Held before its row is live: another process's prune never claims it.
+                self._store.hold_new(record_id)
+                md.deleted = False
+                self._store.update(md)
+            except BaseException:
+                self._drop_unborn(record_id)
+                self._store.unhold(record_id)
+                raise
         rec = _Record(self._core, md, mutable=False, parent=parent_ref)
         self._core.records[record_id] = rec
         with rec.mu:
@@ -753,10 +765,13 @@ class Manager:
         self._hold(ref)
         return ref
 
-    def _snapshot_to_share(self, chain: str, dhs: DescHandlers) -> tuple[str, bool]:
-        """The snapshot a new record of chain id `chain` shares, and whether it is still to
-        be made (blob only): a live record's of the same chain, else its own, named by the
-        chain id. The manager lock is held."""
+    def _snapshot_to_share(
+        self, chain: str, dhs: DescHandlers
+    ) -> tuple[str, bool, ImmutableRef | None]:
+        """The snapshot a new record of chain id `chain` shares, whether it is still to be
+        made (blob only), and the caller's handle (held) on the record it is shared with
+        until the new record's lease holds it: a live record's of the same chain, else its
+        own, named by the chain id. The manager lock is held."""
         records = self._core.records
         linkable = [records[i] for i in self._store.search_chain(chain) if i in records]
         # A record that has the snapshot extracted is the better one to share it with.
@@ -764,13 +779,13 @@ class Manager:
             try:
                 # Sharing its snapshot is a use of the linked record, as in BuildKit.
                 link = self._get(candidate.id, trigger_last_used=True, dhs=dhs)
+                # Held, so that another process's prune does not remove it meanwhile.
+                self._hold(link)
             except (NotFoundError, NeedsRemoteProvidersError):
                 continue
             with link._rec.mu:
-                shared = link._rec.md.snapshot_id, link._rec.md.blob_only
-            link._release_locked()
-            return shared
-        return chain, True
+                return link._rec.md.snapshot_id, link._rec.md.blob_only, link
+        return chain, True, None
 
     def _drop_unborn(self, record_id: str) -> None:
         """Undoes a creation that failed: the record's lease if it was made, then its row.

@@ -4,18 +4,31 @@ real containerd. Processes are sequenced through their pipes, never by sleeping.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
+import time
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from pyctrd_cache import CachePolicy, LockedError, Manager, PrunePolicy
+from pyctrd_cache import (
+    CachePolicy,
+    Compression,
+    LockedError,
+    Manager,
+    NeedsRemoteProvidersError,
+    PrunePolicy,
+)
+from pyctrd_cache.cache import converter
 from pyctrd_cache.client import Client
 from pyctrd_cache.metadata import DB_NAME, SCHEMA_VERSION
+from pyctrd_cache.remote import DescHandler
 from tests.checks import gc, owned_leases, snapshot_names
-from tests.fix_containerd import Daemon, Managers
-from tests.layers import layer
+from tests.fix_containerd import SNAPSHOTTER, Daemon, Managers
+from tests.layers import TAR, BytesProvider, layer
 from tests.mp_peer import Peer, PeerError
 from tests.reliability.invariants import check_all
 
@@ -160,6 +173,194 @@ def test_two_converters_of_one_variant(
     assert client.content.list_statuses() == []
     labels = client.content.info(gzip_desc.digest).labels
     assert [v for k, v in labels.items() if k.endswith("zstd")].count(answers[0][0]) >= 1
+
+
+def test_two_converters_of_one_blob_in_two_records(
+    daemon: Daemon, managers: Managers, peers: list[Peer], client: Client
+) -> None:
+    # One blob on two parents: two records, one conversion (one ingest) of the blob.
+    blob, desc = layer({f"etc/converted{i}": os.urandom(1 << 20) for i in range(6)})
+    lease = client.leases.create(f"test-{uuid.uuid4().hex}").id
+    leased = client.with_lease(lease).content
+    cm = managers.open()
+    tops = []
+    for name in ("a", "b"):
+        parent_blob, parent_desc = layer({f"etc/{name}": name.encode()})
+        for b, d in ((parent_blob, parent_desc), (blob, desc)):
+            leased.write(f"w-{d.digest}", b, expected=d.digest, size=d.size)
+        parent = cm.get_by_blob(parent_desc, cache_policy=CachePolicy.RETAIN)
+        top = cm.get_by_blob(desc, parent, cache_policy=CachePolicy.RETAIN)
+        parent.release()
+        tops.append(top.id)
+        top.release()
+    client.leases.delete(lease)
+    converters = [_peer(daemon, managers, peers) for _ in range(2)]
+    for peer, top_id in zip(converters, tops, strict=True):
+        peer.send(
+            f"ref = cm.get({top_id!r})\n"
+            "ds = ref.get_remote(compression=Compression.ZSTD, force_compression=True)\n"
+            "result = ds.descriptors[-1].digest\n"
+            "ref.release()"
+        )
+    answers = [peer.answer() for peer in converters]
+    assert answers[0] == answers[1]
+    assert client.content.list_statuses() == []
+
+
+def test_a_conversion_waits_for_another_writer_of_its_ingest(
+    managers: Managers, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob, _ = layer({"etc/converted": os.urandom(1 << 16)})
+    cm = managers.open()
+    work = cm.new(cache_policy=CachePolicy.RETAIN)
+    work.apply(blob)
+    snap = work.commit()
+    snap.finalize()
+    (gzip_desc,) = snap.get_remote().descriptors
+    # A writer this process's locks do not order (a process of an older version) has the
+    # conversion's ingest open; it ends while the conversion waits.
+    other = client.content.writer(f"convert-{gzip_desc.digest}-zstd")
+    waits: list[float] = []
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            other.close()
+
+    monkeypatch.setattr(converter, "time", Clock)
+    (zstd,) = snap.get_remote(compression=Compression.ZSTD, force_compression=True).descriptors
+    assert zstd.media_type.endswith("zstd")
+    assert len(waits) == 1
+    snap.release()
+
+
+def test_a_blob_collected_before_its_record_holds_it_leaves_the_record_lazy(
+    managers: Managers, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process's prune lets containerd collect the blob between get_by_blob's look
+    # at the content store and the new record's lease.
+    files = {"etc/collected": b"c" * 1000}
+    blob, desc = layer(files)
+    cm = managers.open()
+    making = cm._new_blob_record
+
+    def collected_first(*args: Any, **kwargs: Any) -> Any:
+        client.leases.delete(lease)
+        gc(client)
+        return making(*args, **kwargs)
+
+    monkeypatch.setattr(cm, "_new_blob_record", collected_first)
+    lease = client.leases.create(f"test-{uuid.uuid4().hex}").id
+    client.with_lease(lease).content.write("w", blob, expected=desc.digest, size=desc.size)
+    handlers = {desc.digest: DescHandler(BytesProvider(blob))}
+    with cm.get_by_blob(desc, desc_handlers=handlers) as ref:
+        assert ref.is_lazy()
+        ref.extract()
+        with ref.mount() as root:
+            assert (root / "etc/collected").read_bytes() == files["etc/collected"]
+    # Without a handler the record cannot be had.
+    other_blob, other = layer({"etc/other": b"o"})
+    lease = client.leases.create(f"test-{uuid.uuid4().hex}").id
+    leased = client.with_lease(lease).content
+    leased.write("w", other_blob, expected=other.digest, size=other.size)
+    with pytest.raises(NeedsRemoteProvidersError):
+        cm.get_by_blob(other)
+
+
+def test_a_record_found_by_blob_but_pruned_before_the_hold_is_made_again(
+    daemon: Daemon,
+    managers: Managers,
+    peers: list[Peer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blob, desc = layer({"etc/again": b"a" * 1000})
+    handlers = {desc.digest: DescHandler(BytesProvider(blob))}
+    cm = managers.open()
+    first = cm.get_by_blob(desc, desc_handlers=handlers)
+    first_id = first.id
+    first.release()
+    pruner = _peer(daemon, managers, peers)
+    getting = cm._get
+
+    def pruned_meanwhile(record_id: str, **kwargs: Any) -> Any:
+        ref = getting(record_id, **kwargs)
+        if record_id == first_id and pruner.process.is_alive():
+            assert pruner.run("result = [u.id for u in cm.prune(PrunePolicy(all=True))]") == [
+                first_id
+            ]
+            pruner.close()
+        return ref
+
+    monkeypatch.setattr(cm, "_get", pruned_meanwhile)
+    with cm.get_by_blob(desc, desc_handlers=handlers) as ref:
+        assert ref.id != first_id
+        assert ref.info().blob == desc.digest
+    assert not pruner.process.is_alive()
+
+
+def test_a_snapshot_shared_with_a_new_record_is_not_pruned_before_its_lease_holds_it(
+    daemon: Daemon,
+    managers: Managers,
+    peers: list[Peer],
+    client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two blobs of one diff (gzip and plain): the second's record shares the first's
+    # snapshot; another process prunes meanwhile.
+    files = {"etc/linked": b"l" * 1000}
+    blob, desc = layer(files)
+    plain_blob, plain = layer(files, TAR)
+    handlers = {
+        desc.digest: DescHandler(BytesProvider(blob)),
+        plain.digest: DescHandler(BytesProvider(plain_blob)),
+    }
+    cm = managers.open()
+    with cm.get_by_blob(desc, desc_handlers=handlers) as first:
+        first.extract()
+        first_id = first.id
+    pruner = _peer(daemon, managers, peers)
+    adding = cm._client.leases.add_resource
+
+    def pruned_meanwhile(lease_id: str, resource: Any) -> None:
+        if pruner.process.is_alive():
+            pruner.run("cm.prune(PrunePolicy(all=True))")
+            pruner.close()
+            gc(client)
+        adding(lease_id, resource)
+
+    monkeypatch.setattr(cm._client.leases, "add_resource", pruned_meanwhile)
+    with cm.get_by_blob(plain, desc_handlers=handlers) as second, cm.get(first_id) as first:
+        assert second.info().snapshot_id == first.info().snapshot_id
+        assert second.info().blob_only is False
+        assert second.info().snapshot_id in snapshot_names(client)
+
+
+def _open_fresh(
+    barrier: Any, address: str, namespace: str, state_dir: str, snapshotter: str
+) -> None:
+    barrier.wait(60)
+    Manager.open(address, namespace=namespace, snapshotter=snapshotter, state_dir=state_dir).close()
+
+
+def test_four_processes_open_a_fresh_state_directory_at_once(
+    daemon: Daemon, managers: Managers
+) -> None:
+    assert not managers.state_dir.exists()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    args = (barrier, daemon.address, managers.namespace, str(managers.state_dir), SNAPSHOTTER)
+    openers = [ctx.Process(target=_open_fresh, args=args) for _ in range(4)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join(120)
+    assert [o.exitcode for o in openers] == [0] * 4
+    with sqlite3.connect(managers.state_dir / DB_NAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    managers.open()
 
 
 def test_a_lazy_commit_made_in_one_process_is_finalized_in_another(
