@@ -279,6 +279,11 @@ class _Record:
         """Drops a record that another process removed from memory alone: it goes GONE,
         leaves the manager and releases its parent handle; neither its row nor containerd is
         touched. Caller holds the manager lock and `self.mu`."""
+        self._leave()
+
+    def _leave(self) -> None:
+        """Goes GONE, leaves the manager's records and releases the parent handle. Caller
+        holds the manager lock and `self.mu`."""
         self._transition(RecordState.GONE)
         self.core.records.pop(self.id, None)
         if self.parent is not None:
@@ -395,12 +400,7 @@ class _Record:
         and has its row marked deleted (a REMOVING record's is already). Caller holds the
         manager lock and `self.mu`."""
         marked = self._state is RecordState.REMOVING
-        self._transition(RecordState.GONE)
-        self.core.records.pop(self.id, None)
-        if self.parent is not None:
-            prec = self.parent._rec
-            with prec.mu:
-                prec.release_immutable(self.parent)
+        self._leave()
         if not marked:
             self._write()
 
