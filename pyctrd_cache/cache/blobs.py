@@ -218,21 +218,14 @@ def get_compression_blob(rec: _Record, compression: Compression) -> Descriptor:
 # Blobs and chain ids of records.
 
 
-def set_blob(rec: _Record, desc: Descriptor) -> None:
-    """Associates a blob already in the content store with the record (once)."""
+def set_blob(rec: _Record, desc: Descriptor, *, made_here: bool = False) -> None:
+    """Associates a blob already in the content store with the record (once). A blob this
+    module has just made (`made_here`) is not looked up again."""
     _validate.descriptor(desc)
-    # A descriptor without a diff id or of an unknown media type is refused before the
-    # content store is asked (InvalidError rather than NotFoundError).
-    diff_id_of(desc)
-    compression_of(desc.media_type, desc.annotations)
-    rec.core.client.content.info(desc.digest)
-    _adopt_blob(rec, desc)
-
-
-def _adopt_blob(rec: _Record, desc: Descriptor) -> None:
-    """`set_blob` of a blob this module has just made, which needs no check."""
     diff_id = diff_id_of(desc)
     compression = compression_of(desc.media_type, desc.annotations)
+    if not made_here:
+        rec.core.client.content.info(desc.digest)
     with rec.mu:
         if rec.md.blob:
             return
@@ -634,7 +627,7 @@ def create_blob(
         compression = Compression.GZIP
     parents = [r.md.snapshot_id for r in chain_of(rec.parent)] if rec.parent else []
     desc = _diff(rec, leased, views, upper, (parents, key), compression)
-    _adopt_blob(rec, desc)
+    set_blob(rec, desc, made_here=True)
     return made_other
 
 
